@@ -1,0 +1,133 @@
+"""Event records and the bounded, indexed log that every view of a run reads.
+
+The scheduler emits one :class:`Event` per state change of a task (and one at the start and end of
+a run). Subscribers (the text log, the progress bar, the dashboard, the run history) either get a
+callback per event or pull ``log.since(index)`` at their own pace, as distributed's dashboard does:
+a slow view never slows the run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+# Every kind an event can have, in the order a task usually goes through them.
+RUN_START = "run-start"
+ADDED = "added"  # a node entered the run's graph (carries deps)
+CACHED = "cached"  # resolved from the store: nothing runs
+QUEUED = "queued"  # ready: every input is known, waiting for an engine
+RUNNING = "running"
+DONE = "done"  # ran, and its result is committed to the store
+FAILED = "failed"
+SKIPPED = "skipped"  # an upstream task failed
+RUN_END = "run-end"
+
+TASK_STATES = (ADDED, CACHED, QUEUED, RUNNING, DONE, FAILED, SKIPPED)
+FINAL_STATES = frozenset({CACHED, DONE, FAILED, SKIPPED})
+
+
+@dataclass(slots=True)
+class Event:
+    """One state change. Fields that do not apply to a kind stay at their defaults."""
+
+    kind: str
+    node: str = ""  # node id (hex), stable for the same call
+    task: str = ""  # the task's name, e.g. "fit"
+    label: str = ""  # the call, e.g. "fit(alpha=0.1)"
+    time: float = field(default_factory=time.time)
+    index: int = -1  # position in the log, set by EventLog.append
+    deps: tuple[str, ...] = ()  # ADDED: node ids this node depends on
+    key: str = ""  # the cache key (hex) once known
+    engine: str = ""  # where it ran: "kernel" or "engine 3 (host:pid)"
+    started: float | None = None  # DONE/FAILED: wall-clock start and end on the engine
+    ended: float | None = None
+    duration: float | None = None  # DONE: wall seconds; CACHED: recorded seconds of the entry
+    cpu: float | None = None  # DONE: CPU seconds
+    peak_memory: int | None = None  # DONE: bytes
+    size: int | None = None  # DONE/CACHED: bytes on disk
+    reason: str = ""  # why it ran (DONE) or was skipped (SKIPPED)
+    error: str = ""  # FAILED: "ExcType: message"
+    traceback: str = ""  # FAILED: the traceback text where it ran
+    info: dict[str, object] = field(default_factory=dict)  # RUN_START/RUN_END: run-level facts
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventLog:
+    """A thread-safe, bounded log of events with a running index.
+
+    ``since(i)`` returns the events with index >= i still held; a reader that fell behind by more
+    than ``maxlen`` events sees a gap (the index tells it), never a stall of the writer.
+    """
+
+    def __init__(self, maxlen: int = 200_000):
+        self._events: deque[Event] = deque(maxlen=maxlen)
+        self._next = 0
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    @property
+    def next_index(self) -> int:
+        return self._next
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(event)`` for every new event; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def append(self, event: Event) -> Event:
+        with self._lock:
+            event.index = self._next
+            self._next += 1
+            self._events.append(event)
+        for callback in list(self._subscribers):
+            callback(event)
+        return event
+
+    def extend(self, events: Iterable[Event]) -> None:
+        for event in events:
+            self.append(event)
+
+    def since(self, index: int = 0) -> list[Event]:
+        with self._lock:
+            if not self._events:
+                return []
+            first = self._events[0].index
+            start = max(0, index - first)
+            return list(self._events)[start:] if start else list(self._events)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._events.clear()
+
+
+def latest_states(events: Iterable[Event]) -> dict[str, Event]:
+    """The last task event per node: what each node looks like now."""
+    states: dict[str, Event] = {}
+    for event in events:
+        if event.node and event.kind in TASK_STATES:
+            previous = states.get(event.node)
+            if event.kind == ADDED and previous is not None:
+                continue  # a node re-added in the same log keeps its state
+            states[event.node] = event
+    return states
+
+
+def count_states(events: Iterable[Event]) -> dict[str, int]:
+    """Counts of nodes by their current state ('added' counts as waiting)."""
+    counts = dict.fromkeys(TASK_STATES, 0)
+    for event in latest_states(events).values():
+        counts[event.kind] += 1
+    return counts

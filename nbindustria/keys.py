@@ -1,0 +1,133 @@
+"""One identity and one key per call.
+
+A call is encoded once, parameter by parameter (bound to the signature, defaults applied, so
+``fit(1)`` and ``fit(x=1)`` are the same call), with each handle in the arguments written as a
+placeholder. Then:
+
+* the **node id** (which call is this) hashes ``["Node", task identity, arguments]`` with each
+  placeholder filled by the upstream's node id. It is stable across code edits, so ``why`` can
+  find the previous result of the same call.
+* the **key** (which result is this) hashes ``["Key", format, task identity, code digest,
+  arguments, environment]`` with each placeholder filled by the upstream's *result digest*: an
+  upstream that re-runs to identical bytes leaves its dependents cached.
+
+Options that do not change results (cpus, memory, retries, engines) are never part of either.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from .errors import HashingError
+from .hashing import ENCODING_VERSION, CodeHasher, Unhashable, ValueEncoder
+from .task import Handle, ResultRef, Task
+
+_pack_u32 = struct.Struct("<I").pack
+KEY_FORMAT = f"nbindustria-key-{ENCODING_VERSION}".encode()
+
+ProvenanceLookup = Callable[[Any], "ResultRef | None"]
+Upstream = Handle[Any] | ResultRef
+
+
+@dataclass
+class CallEncoding:
+    """A call's arguments, encoded with placeholders for upstream results."""
+
+    params: list[tuple[str, bytes, list[Upstream]]]  # (name, bytes, handles in that param)
+    handles: list[Upstream]  # every placeholder, in order
+    mutable: bool  # something in the arguments could change in place: encode again before use
+
+
+def bind(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Arguments by parameter name, defaults applied. Raises a clear TypeError when the call
+    does not fit the function (naming the task)."""
+    try:
+        bound = task.signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{task.name}(): {exc}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                code: CodeHasher | None = None,
+                provenance: ProvenanceLookup | None = None) -> CallEncoding:
+    arguments = bind(task, args, kwargs)
+    params: list[tuple[str, bytes, list[Upstream]]] = []
+    all_handles: list[Upstream] = []
+    mutable = False
+    for name, value in arguments.items():
+        found: list[Upstream] = []
+
+        def on_handle(obj: Any, found: list[Upstream] = found) -> bytes | None:
+            handle: Upstream | None = obj if isinstance(obj, Handle) else (
+                provenance(obj) if provenance is not None else None)
+            if handle is None:
+                return None
+            found.append(handle)
+            return _pack_u32(len(found) - 1)
+
+        enc = ValueEncoder(on_handle, code)
+        try:
+            enc.encode(value, f"{task.name}({name}=...)")
+        except Unhashable as exc:
+            raise HashingError(
+                f"cannot hash the argument {exc.path} of task {task.name!r}: {exc.why}. Pass a "
+                "value with deterministic content (numbers, strings, arrays, frames, plain "
+                "objects), or give its class a __nbindustria_token__() method."
+            ) from None
+        mutable |= enc.mutable
+        params.append((name, bytes(enc.buf), found))
+        all_handles.extend(found)
+    return CallEncoding(params, all_handles, mutable)
+
+
+def _fill(h: Any, params: list[tuple[str, bytes, list[Upstream]]],
+          token: Callable[[Upstream], str]) -> None:
+    for name, data, handles in params:
+        h.update(name.encode() + b"\0" + _pack_u32(len(data)) + data)
+        for handle in handles:
+            h.update(token(handle).encode())
+
+
+def node_id(task: Task[Any, Any], encoding: CallEncoding) -> str:
+    h = xxhash.xxh3_128(b"Node\0" + task.identity.encode() + b"\0")
+    _fill(h, encoding.params, lambda handle: handle.node_id)
+    return h.hexdigest()
+
+
+def _result_digest(handle: Upstream) -> str:
+    if handle.digest is None:
+        raise RuntimeError(f"key of a call whose input {handle.label} has no result yet")
+    return handle.digest
+
+
+def cache_key(task: Task[Any, Any], code_digest: str, encoding: CallEncoding, env: str) -> str:
+    h = xxhash.xxh3_128(KEY_FORMAT + b"\0" + task.identity.encode() + b"\0" +
+                        code_digest.encode() + b"\0" + env.encode() + b"\0")
+    _fill(h, encoding.params, _result_digest)
+    return h.hexdigest()
+
+
+def arg_digests(encoding: CallEncoding) -> dict[str, str]:
+    """Per parameter, a digest of its value with upstream results filled in (for ``why``)."""
+    out = {}
+    for name, data, handles in encoding.params:
+        h = xxhash.xxh3_128(data)
+        for handle in handles:
+            h.update((handle.digest or "?").encode())
+        out[name] = h.hexdigest()
+    return out
+
+
+def code_digest_of(task: Task[Any, Any], code: CodeHasher) -> tuple[str, dict[str, Any]]:
+    """The digest that stands for a task's code, and the manifest behind it."""
+    if task.options.version is not None:
+        return f"version:{task.options.version}", {}
+    info = code.info(task.func, task.name)
+    return info.digest, info.manifest

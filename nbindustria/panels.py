@@ -1,0 +1,859 @@
+"""Pure functions from run events to the data every dashboard panel draws.
+
+Nothing here imports a widget library: the live widget (``dashboard.py`` + ``js/dashboard.js``), the
+standalone HTML report and the tests all read the same plain, JSON-ready dicts and lists.
+
+The functions take either an iterable of :class:`~nbindustria.events.Event` or a :class:`RunView`,
+the incremental accumulator the live dashboard keeps so that each refresh only reads the events that
+are new since the last one (a run of 10,000 tasks is ~40,000 events; re-reading them three times a
+second would cost the run time). A view shows one run: a ``run-start`` event starts it afresh, so a
+log holding several runs shows the last one.
+
+Panels
+------
+- :func:`header`: run facts, counts by state, overall and per-task-name progress.
+- :func:`graph`: nodes and edges laid out by dependency depth; the nodes of a task name with more
+  than ``threshold`` nodes collapse into one group node (expandable by name).
+- :func:`details`: what a click on a node shows (arguments, key, engine, times, memory, why, error).
+- :func:`timeline`: one bar per executed task, one row per engine (distributed's ``rectangles``).
+- :func:`memory`: peak memory per executed task, over time.
+- :func:`cache_stats`: hits vs runs per task name and the time the hits saved.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .events import (
+    ADDED,
+    CACHED,
+    DONE,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    RUN_END,
+    RUN_START,
+    RUNNING,
+    SKIPPED,
+    TASK_STATES,
+    Event,
+)
+
+__all__ = [
+    "STATE_COLORS",
+    "STATE_LABELS",
+    "RunView",
+    "cache_stats",
+    "details",
+    "format_bytes",
+    "format_duration",
+    "graph",
+    "header",
+    "memory",
+    "run_view",
+    "task_color",
+    "timeline",
+]
+
+# What a state looks like, everywhere (graph nodes, progress bars, charts). Mid-tone colours read on
+# light and dark backgrounds alike.
+STATE_COLORS: dict[str, str] = {
+    ADDED: "#9aa3ae",
+    QUEUED: "#b39ddb",
+    RUNNING: "#3b82f6",
+    DONE: "#22a06b",
+    CACHED: "#14a3b8",
+    FAILED: "#e5484d",
+    SKIPPED: "#e0a526",
+}
+STATE_LABELS: dict[str, str] = {
+    ADDED: "waiting",
+    QUEUED: "queued",
+    RUNNING: "running",
+    DONE: "done",
+    CACHED: "cached",
+    FAILED: "failed",
+    SKIPPED: "skipped",
+}
+# The order states are listed and stacked in: finished work first, then what is still to come.
+STATE_ORDER: tuple[str, ...] = (DONE, CACHED, FAILED, SKIPPED, RUNNING, QUEUED, ADDED)
+
+GROUP_THRESHOLD = 40  # a task name with more nodes than this is drawn as one group node
+MAX_NODES = 400  # more visible nodes than this: group more names, largest first
+MAX_MEMBERS = 1000  # members sent along with group nodes, so that a group expands without the kernel
+MAX_ROWS = 12  # a depth column with more nodes wraps into several sub-columns
+GROUP_PREFIX = "group:"
+
+
+def task_color(name: str) -> str:
+    """A colour for a task name that is the same in every process and every session.
+
+    Python's ``hash()`` of a string is salted per process, so the hue comes from a digest instead.
+    """
+    digest = hashlib.blake2b(name.encode(), digest_size=4).digest()
+    value = int.from_bytes(digest, "big")
+    hue = (value % 360) / 360
+    saturation = 0.50 + ((value >> 9) % 20) / 100  # 0.50-0.69
+    lightness = 0.47 + ((value >> 17) % 10) / 100  # 0.47-0.56
+    r, g, b = colorsys.hls_to_rgb(hue, lightness, saturation)
+    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``0.42 s``, ``12.3 s``, ``4 min 05 s``, ``2 h 07 min``; an em dash when unknown."""
+    if seconds is None:
+        return "—"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms" if seconds > 0 else "0 s"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def format_bytes(size: float | None) -> str:
+    """``512 B``, ``1.5 KiB``, ``12.3 MiB``, ``2.00 GiB``; an em dash when unknown."""
+    if size is None:
+        return "—"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            if unit == "B":
+                return f"{int(value)} B"
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def engine_short(engine: str) -> str:
+    """``"engine 3 (host:pid)"`` -> ``"engine 3"``: the timeline's row label."""
+    return engine.split(" (", 1)[0] if engine else "?"
+
+
+def _natural_key(text: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+@dataclass(slots=True)
+class NodeRecord:
+    """What the dashboard knows about one node of the run, from its events so far."""
+
+    id: str
+    task: str
+    label: str
+    seq: int  # order in which the node entered the run
+    deps: tuple[str, ...] = ()
+    state: str = ADDED
+    key: str = ""
+    engine: str = ""
+    queued_at: float | None = None
+    running_at: float | None = None
+    started: float | None = None
+    ended: float | None = None
+    duration: float | None = None
+    cpu: float | None = None
+    peak_memory: int | None = None
+    size: int | None = None
+    reason: str = ""
+    error: str = ""
+    traceback: str = ""
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class TaskStats:
+    """Counts per state and cache figures of one task name."""
+
+    name: str
+    rank: int  # order of first appearance: the order task names are listed and laid out in
+    color: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TASK_STATES, 0))
+    hits: int = 0
+    runs: int = 0
+    failures: int = 0
+    saved: float = 0.0  # recorded seconds of the cache hits
+    wall: float = 0.0  # seconds spent running (done and failed attempts)
+    peak: int = 0  # the largest peak memory of its executed nodes, bytes
+
+
+class RunView:
+    """Incremental state of one run, fed with events in log order (``update``).
+
+    Every panel function reads it. It is not thread-safe: one reader (the dashboard's refresh
+    thread, or a caller of the panel functions) feeds and reads it.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.info: dict[str, Any] = {}
+        self.end_info: dict[str, Any] = {}
+        self.started: float | None = None  # RUN_START time
+        self.ended: float | None = None  # RUN_END time
+        self.first_time: float | None = None  # earliest event time (a log without RUN_START)
+        self.last_time: float | None = None
+        self.nodes: dict[str, NodeRecord] = {}
+        self.tasks: dict[str, TaskStats] = {}
+        self.counts: dict[str, int] = dict.fromkeys(TASK_STATES, 0)
+        self.bars: list[dict[str, Any]] = []  # one per executed attempt (DONE or FAILED)
+        self.version = 0  # bumped by every event that changes what a panel shows
+        self.structure_version = 0  # bumped when nodes or edges change (the layout's cache key)
+        self._layout_cache: tuple[Any, ...] | None = None
+        self._details_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def update(self, events: Iterable[Event]) -> bool:
+        """Fold events (in log order) into the view; True if anything a panel shows changed."""
+        before = self.version
+        for event in events:
+            self._apply(event)
+        return self.version != before
+
+    def _apply(self, event: Event) -> None:
+        kind = event.kind
+        if kind == RUN_START:
+            self.reset()
+            self.info = dict(event.info)
+            self.started = event.time
+            self.first_time = self.last_time = event.time
+            self.version += 1
+            self.structure_version += 1
+            return
+        if kind == RUN_END:
+            self.ended = event.time
+            self.end_info = dict(event.info)
+            self.version += 1
+            return
+        if kind not in TASK_STATES or not event.node:
+            return
+        if self.first_time is None or event.time < self.first_time:
+            self.first_time = event.time
+        if self.last_time is None or event.time > self.last_time:
+            self.last_time = event.time
+        node = self.nodes.get(event.node)
+        if node is None:
+            node = self._add_node(event)
+            if kind == ADDED:
+                return
+        elif kind == ADDED:
+            return  # a node re-added in the same run keeps its state (as events.latest_states)
+        self._set_state(node, kind)
+        if event.label and not node.label:
+            node.label = event.label
+        if event.key:
+            node.key = event.key
+        if event.engine:
+            node.engine = event.engine
+        stats = self.tasks[node.task]
+        if kind == QUEUED:
+            node.queued_at = event.time
+        elif kind == RUNNING:
+            node.running_at = event.started if event.started is not None else event.time
+            node.attempts += 1
+        elif kind in (DONE, FAILED):
+            node.started = event.started if event.started is not None else node.running_at
+            node.ended = event.ended if event.ended is not None else event.time
+            if node.started is None:
+                node.started = node.ended if event.duration is None else node.ended - event.duration
+            node.duration = (
+                event.duration if event.duration is not None else node.ended - node.started
+            )
+            node.cpu = event.cpu
+            node.peak_memory = event.peak_memory
+            if kind == DONE:
+                node.size = event.size
+                node.reason = event.reason
+                stats.runs += 1
+            else:
+                node.error = event.error
+                node.traceback = event.traceback
+                stats.failures += 1
+            stats.wall += node.duration or 0.0
+            stats.peak = max(stats.peak, node.peak_memory or 0)
+            self.bars.append({
+                "node": node.id,
+                "task": node.task,
+                "label": node.label,
+                "engine": node.engine or "kernel",
+                "started": node.started,
+                "ended": node.ended,
+                "state": kind,
+                "peak_memory": node.peak_memory,
+            })
+        elif kind == CACHED:
+            node.duration = event.duration
+            node.size = event.size
+            node.reason = event.reason
+            stats.hits += 1
+            stats.saved += event.duration or 0.0
+        elif kind == SKIPPED:
+            node.reason = event.reason
+        self.version += 1
+
+    def _add_node(self, event: Event) -> NodeRecord:
+        name = event.task or "?"
+        if name not in self.tasks:
+            self.tasks[name] = TaskStats(name=name, rank=len(self.tasks), color=task_color(name))
+        node = NodeRecord(
+            id=event.node,
+            task=name,
+            label=event.label or name,
+            seq=len(self.nodes),
+            deps=tuple(event.deps),
+        )
+        self.nodes[node.id] = node
+        self.counts[ADDED] += 1
+        self.tasks[name].counts[ADDED] += 1
+        self.version += 1
+        self.structure_version += 1
+        return node
+
+    def _set_state(self, node: NodeRecord, state: str) -> None:
+        counts = self.tasks[node.task].counts
+        self.counts[node.state] -= 1
+        counts[node.state] -= 1
+        node.state = state
+        self.counts[state] += 1
+        counts[state] += 1
+
+    # -- derived facts -----------------------------------------------------------------------
+
+    @property
+    def t0(self) -> float | None:
+        """The time the timeline counts from: the run's start, else its first event."""
+        return self.started if self.started is not None else self.first_time
+
+    def depths(self) -> dict[str, int]:
+        """Dependency depth per node: 0 without (known) deps, else one more than its deepest dep."""
+        depth: dict[str, int] = {}
+        nodes = self.nodes
+        for start in nodes:
+            if start in depth:
+                continue
+            # Iterative DFS: a long chain must not hit the recursion limit.
+            stack: list[tuple[str, bool]] = [(start, False)]
+            on_path: set[str] = set()
+            while stack:
+                current, expanded = stack.pop()
+                if current in depth:
+                    continue
+                deps = [d for d in nodes[current].deps if d in nodes]
+                if expanded:
+                    on_path.discard(current)
+                    depth[current] = 1 + max((depth.get(d, -1) for d in deps), default=-1)
+                    continue
+                on_path.add(current)
+                stack.append((current, True))
+                # A dep already on the path would be a cycle; the graph module rejects those, so
+                # here it is just not followed (its depth counts as unknown).
+                stack.extend((d, False) for d in deps if d not in depth and d not in on_path)
+        return depth
+
+
+def run_view(source: RunView | Iterable[Event]) -> RunView:
+    """A :class:`RunView` of ``source`` (returned as is if it already is one)."""
+    if isinstance(source, RunView):
+        return source
+    view = RunView()
+    view.update(source)
+    return view
+
+
+def _finished(counts: dict[str, int]) -> int:
+    return sum(counts[state] for state in FINAL_STATES)
+
+
+def _ordered_counts(counts: dict[str, int]) -> dict[str, int]:
+    return {state: counts.get(state, 0) for state in STATE_ORDER}
+
+
+# -- header ------------------------------------------------------------------------------------
+
+
+def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[str, Any]:
+    """Run facts, counts by state, overall progress and progress per task name.
+
+    ``now`` is the wall-clock time the elapsed time of a running run is measured to (pass it in
+    tests; by default the last event's time, so that the result depends only on the events).
+    """
+    view = run_view(source)
+    total = len(view.nodes)
+    finished = _finished(view.counts)
+    if view.ended is not None:
+        status = "failed" if view.counts[FAILED] else "finished"
+    elif view.started is not None or total:
+        status = "running"
+    else:
+        status = "waiting"
+    t0 = view.t0
+    end = view.ended if view.ended is not None else (now if now is not None else view.last_time)
+    elapsed = max(0.0, end - t0) if t0 is not None and end is not None else 0.0
+    wall = view.end_info.get("wall_time", view.end_info.get("wall"))
+    if isinstance(wall, int | float) and view.ended is not None:
+        elapsed = float(wall)
+    info = view.info
+    n_engines = info.get("n_engines")
+    tasks = [
+        {
+            "name": stats.name,
+            "color": stats.color,
+            "total": sum(stats.counts.values()),
+            "finished": _finished(stats.counts),
+            "counts": _ordered_counts(stats.counts),
+        }
+        for stats in sorted(view.tasks.values(), key=lambda s: s.rank)
+    ]
+    return {
+        "pipeline": str(info.get("pipeline", "") or "pipeline"),
+        "run": info.get("run"),
+        "engines": str(info.get("engines", "") or ""),
+        "n_engines": n_engines if isinstance(n_engines, int) else None,
+        "busy": view.counts[RUNNING],
+        "status": status,
+        "started": t0,
+        "ended": view.ended,
+        "elapsed": elapsed,
+        "total": total,
+        "finished": finished,
+        "progress": finished / total if total else 0.0,
+        "counts": _ordered_counts(view.counts),
+        "tasks": tasks,
+        "colors": dict(STATE_COLORS),
+        "labels": dict(STATE_LABELS),
+    }
+
+
+# -- graph -------------------------------------------------------------------------------------
+
+
+def _group_state(counts: dict[str, int]) -> str:
+    """One colour for a group: alarm first, then what is under way, then how it finished."""
+    if counts.get(FAILED):
+        return FAILED
+    for state in (RUNNING, QUEUED, ADDED, SKIPPED, DONE):
+        if counts.get(state):
+            return state
+    return CACHED
+
+
+def _choose_groups(
+    view: RunView, threshold: int, max_nodes: int, expanded: frozenset[str]
+) -> set[str]:
+    """Task names drawn as one group node each."""
+    sizes = {name: sum(stats.counts.values()) for name, stats in view.tasks.items()}
+    grouped = {name for name, size in sizes.items() if size > threshold and name not in expanded}
+    visible = sum(1 if name in grouped else size for name, size in sizes.items())
+    # Still too many nodes to draw: collapse the largest remaining names (expanded ones last).
+    for name in sorted(sizes, key=lambda n: (n in expanded, -sizes[n], view.tasks[n].rank)):
+        if visible <= max_nodes:
+            break
+        if name in grouped or sizes[name] < 2:
+            continue
+        grouped.add(name)
+        visible -= sizes[name] - 1
+    return grouped
+
+
+def layout_positions(
+    items: Sequence[tuple[str, int, int, int]], max_rows: int = MAX_ROWS
+) -> dict[str, tuple[int, int]]:
+    """(col, row) for ``(id, depth, rank, seq)`` items: x by depth, y by order within the depth.
+
+    Within a depth, nodes are ordered by task name (first appearance) then by the order they were
+    added; a depth with more than ``max_rows`` nodes wraps into sub-columns so that a wide level
+    stays on screen. ``js/dashboard.js`` lays out an expanded group with this same rule.
+    """
+    by_depth: dict[int, list[tuple[int, int, str]]] = {}
+    for node_id, depth, rank, seq in items:
+        by_depth.setdefault(depth, []).append((rank, seq, node_id))
+    positions: dict[str, tuple[int, int]] = {}
+    col = 0
+    for depth in sorted(by_depth):
+        column = sorted(by_depth[depth])
+        for index, (_, _, node_id) in enumerate(column):
+            positions[node_id] = (col + index // max_rows, index % max_rows)
+        col += (len(column) - 1) // max_rows + 1
+    return positions
+
+
+def _structure(
+    view: RunView, threshold: int, max_nodes: int, max_members: int, expanded: frozenset[str]
+) -> dict[str, Any]:
+    """The state-independent part of the graph (groups, edges, layout), cached per structure."""
+    cache_key = (view.structure_version, threshold, max_nodes, max_members, expanded)
+    if view._layout_cache is not None and view._layout_cache[0] == cache_key:
+        return view._layout_cache[1]  # type: ignore[no-any-return]
+    depths = view.depths()
+    grouped = _choose_groups(view, threshold, max_nodes, expanded)
+    members: dict[str, list[NodeRecord]] = {name: [] for name in grouped}
+    visible: list[NodeRecord] = []
+    for node in view.nodes.values():
+        if node.task in grouped:
+            members[node.task].append(node)
+        else:
+            visible.append(node)
+    # Members travel with their group (so the front end can expand it without a round trip to a
+    # kernel that may be busy running the pipeline), smallest groups first, within a budget.
+    expandable: set[str] = set()
+    budget = max_members
+    for name in sorted(grouped, key=lambda n: (len(members[n]), view.tasks[n].rank)):
+        if len(members[name]) <= budget:
+            expandable.add(name)
+            budget -= len(members[name])
+    group_of = {node.id: node.task for name in grouped for node in members[name]}
+
+    def resolve(node_id: str) -> str:
+        """The finest id the front end knows for a node: itself, or its group when not sent."""
+        name = group_of.get(node_id)
+        return node_id if name is None or name in expandable else GROUP_PREFIX + name
+
+    def shown(node_id: str) -> str:
+        """The node drawn for ``node_id`` in this view: itself, or its (collapsed) group."""
+        name = group_of.get(node_id)
+        return node_id if name is None else GROUP_PREFIX + name
+
+    deps: dict[str, list[str]] = {}
+    edges: dict[tuple[str, str], None] = {}  # a dict keeps insertion order and drops duplicates
+    for node in view.nodes.values():
+        resolved = [resolve(d) for d in node.deps if d in view.nodes]
+        deps[node.id] = list(dict.fromkeys(resolved))
+        target = shown(node.id)
+        for dep in node.deps:
+            if dep in view.nodes:
+                source = shown(dep)
+                if source != target:
+                    edges[(source, target)] = None
+    items = [(n.id, depths[n.id], view.tasks[n.task].rank, n.seq) for n in visible]
+    group_info: dict[str, dict[str, Any]] = {}
+    for name in grouped:
+        group = members[name]
+        depth = min(depths[n.id] for n in group)
+        seq = min(n.seq for n in group)
+        group_info[name] = {"depth": depth, "seq": seq}
+        items.append((GROUP_PREFIX + name, depth, view.tasks[name].rank, seq))
+    positions = layout_positions(items)
+    structure = {
+        "visible": visible,
+        "members": members,
+        "expandable": expandable,
+        "group_info": group_info,
+        "deps": deps,
+        "depths": depths,
+        "edges": [list(edge) for edge in edges],
+        "positions": positions,
+    }
+    view._layout_cache = (cache_key, structure)
+    return structure
+
+
+def graph(
+    source: RunView | Iterable[Event],
+    expanded: Iterable[str] = (),
+    threshold: int = GROUP_THRESHOLD,
+    max_nodes: int = MAX_NODES,
+    max_members: int = MAX_MEMBERS,
+) -> dict[str, Any]:
+    """Nodes and edges of the run's graph, laid out by dependency depth.
+
+    Each node: ``id, task, label, state, depth, rank, seq, col, row, deps, group``; ``col``/``row``
+    come from :func:`layout_positions` (x = depth, y = order within the depth). The nodes of a task
+    name with more than ``threshold`` nodes (unless the name is in ``expanded``) are one group node
+    ``"group:<name>"`` with ``count``, ``counts`` by state and, while they fit in ``max_members``,
+    its ``members`` (same fields but ``col``/``row``), so a front end can expand it by itself.
+    ``deps`` name the finest node the data holds (a member, or a group whose members are not sent);
+    ``edges`` are ``[source, target]`` pairs between drawn nodes, without duplicates.
+    """
+    view = run_view(source)
+    expanded_set = frozenset(expanded)
+    s = _structure(view, threshold, max_nodes, max_members, expanded_set)
+    depths, deps, positions = s["depths"], s["deps"], s["positions"]
+
+    def node_data(node: NodeRecord) -> dict[str, Any]:
+        return {
+            "id": node.id,
+            "task": node.task,
+            "label": node.label,
+            "state": node.state,
+            "depth": depths[node.id],
+            "rank": view.tasks[node.task].rank,
+            "seq": node.seq,
+            "deps": deps[node.id],
+            "group": False,
+        }
+
+    nodes = []
+    for node in s["visible"]:
+        data = node_data(node)
+        data["col"], data["row"] = positions[node.id]
+        nodes.append(data)
+    for name, group in s["members"].items():
+        stats = view.tasks[name]
+        group_id = GROUP_PREFIX + name
+        col, row = positions[group_id]
+        counts = _ordered_counts(stats.counts)
+        nodes.append({
+            "id": group_id,
+            "task": name,
+            "label": f"{name} ×{len(group)}",
+            "state": _group_state(counts),
+            "depth": s["group_info"][name]["depth"],
+            "rank": stats.rank,
+            "seq": s["group_info"][name]["seq"],
+            "deps": [],
+            "group": True,
+            "count": len(group),
+            "counts": counts,
+            "col": col,
+            "row": row,
+            "members": [node_data(n) for n in group] if name in s["expandable"] else None,
+        })
+    columns = 1 + max((p[0] for p in positions.values()), default=-1)
+    rows = 1 + max((p[1] for p in positions.values()), default=-1)
+    return {
+        "nodes": nodes,
+        "edges": s["edges"],
+        "columns": columns,
+        "rows": rows,
+        "max_rows": MAX_ROWS,
+        "threshold": threshold,
+        "grouped": sorted(s["members"], key=lambda n: view.tasks[n].rank),
+        "colors": {name: stats.color for name, stats in view.tasks.items()},
+        "state_colors": dict(STATE_COLORS),
+    }
+
+
+# -- details -----------------------------------------------------------------------------------
+
+
+def _arguments(label: str) -> str:
+    """The argument part of a call label: ``fit(alpha=0.1)`` -> ``alpha=0.1``."""
+    open_at = label.find("(")
+    if open_at < 0 or not label.endswith(")"):
+        return ""
+    return label[open_at + 1 : -1]
+
+
+def node_details(view: RunView, node: NodeRecord) -> dict[str, Any]:
+    """What a click on ``node`` shows: ``rows`` of (field, text), ``why``, ``error``, ``traceback``."""
+    rows: list[list[str]] = [["Task", node.task]]
+    arguments = _arguments(node.label)
+    if arguments:
+        rows.append(["Arguments", arguments])
+    rows.append(["State", STATE_LABELS.get(node.state, node.state)])
+    if node.key:
+        rows.append(["Key", node.key])
+    if node.engine:
+        rows.append(["Engine", engine_short(node.engine)])
+        host = node.engine.partition(" (")[2].rstrip(")")
+        if host:
+            rows.append(["Host", host])
+    t0 = view.t0
+    if node.state == CACHED:
+        rows.append(["Recorded time", format_duration(node.duration)])
+    elif node.started is not None and node.ended is not None:
+        if t0 is not None:
+            rows.append(["Ran", f"+{node.started - t0:.2f} s → +{node.ended - t0:.2f} s"])
+        rows.append(["Wall time", format_duration(node.duration)])
+        if node.cpu is not None:
+            rows.append(["CPU time", format_duration(node.cpu)])
+    elif node.running_at is not None and node.state == RUNNING and t0 is not None:
+        rows.append(["Running since", f"+{node.running_at - t0:.2f} s"])
+    if node.peak_memory is not None:
+        rows.append(["Peak memory", format_bytes(node.peak_memory)])
+    if node.size is not None:
+        rows.append(["Stored size", format_bytes(node.size)])
+    if node.attempts > 1:
+        rows.append(["Attempts", str(node.attempts)])
+    if node.state == CACHED:
+        why = "Cache hit: the stored result was reused, nothing ran."
+        if node.duration is not None:
+            why += f" Saved {format_duration(node.duration)}."
+    elif node.state == DONE:
+        why = f"Ran: {node.reason}." if node.reason else "Ran."
+    elif node.state == SKIPPED:
+        why = f"Skipped: {node.reason}." if node.reason else "Skipped: an upstream task failed."
+    elif node.state == FAILED:
+        why = f"Failed: {node.error}" if node.error else "Failed."
+    else:
+        why = ""
+    return {
+        "id": node.id,
+        "label": node.label,
+        "task": node.task,
+        "state": node.state,
+        "rows": rows,
+        "why": why,
+        "error": node.error,
+        "traceback": node.traceback,
+        "group": False,
+    }
+
+
+def group_details(view: RunView, name: str) -> dict[str, Any]:
+    """What a click on a group node shows: its size, counts and totals."""
+    stats = view.tasks[name]
+    total = sum(stats.counts.values())
+    rows = [["Task", name], ["Nodes", str(total)]]
+    rows += [
+        [STATE_LABELS[state].capitalize(), str(count)]
+        for state, count in _ordered_counts(stats.counts).items()
+        if count
+    ]
+    if stats.runs or stats.failures:
+        rows.append(["Time running", format_duration(stats.wall)])
+        rows.append(["Mean wall time", format_duration(stats.wall / (stats.runs + stats.failures))])
+    if stats.hits:
+        rows.append(["Time saved by cache", format_duration(stats.saved)])
+    if stats.peak:
+        rows.append(["Largest peak memory", format_bytes(stats.peak)])
+    return {
+        "id": GROUP_PREFIX + name,
+        "label": f"{name} ×{total}",
+        "task": name,
+        "state": _group_state(stats.counts),
+        "rows": rows,
+        "why": f"{total} calls of {name}, drawn as one node. Click it to show them one by one.",
+        "error": "",
+        "traceback": "",
+        "group": True,
+    }
+
+
+def details(
+    source: RunView | Iterable[Event], node_ids: Iterable[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Details per node id (``group:<name>`` for a group), for ``node_ids`` or every node."""
+    view = run_view(source)
+    if node_ids is None:
+        node_ids = list(view.nodes) + [GROUP_PREFIX + name for name in view.tasks]
+    result: dict[str, dict[str, Any]] = {}
+    for node_id in node_ids:
+        if node_id.startswith(GROUP_PREFIX) and node_id[len(GROUP_PREFIX) :] in view.tasks:
+            result[node_id] = group_details(view, node_id[len(GROUP_PREFIX) :])
+        elif node_id in view.nodes:
+            node = view.nodes[node_id]
+            # A node's details change only with its state: reuse them between refreshes.
+            stamp = (node.state, node.attempts, view.t0)
+            cached = view._details_cache.get(node_id)
+            if cached is None or cached[0] != stamp:
+                cached = (stamp, node_details(view, node))
+                view._details_cache[node_id] = cached
+            result[node_id] = cached[1]
+    return result
+
+
+def graph_node_ids(graph_data: dict[str, Any]) -> list[str]:
+    """Every node id a :func:`graph` result can draw (drawn nodes, and members of groups)."""
+    ids: list[str] = []
+    for node in graph_data["nodes"]:
+        ids.append(node["id"])
+        ids.extend(member["id"] for member in node.get("members") or ())
+    return ids
+
+
+# -- charts ------------------------------------------------------------------------------------
+
+
+def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dict[str, Any]:
+    """One rectangle per executed task attempt, one row per engine.
+
+    ``bars``: ``node, task, label, engine (row label), host (the full engine text), start, end,
+    duration, state, color`` with times in seconds since the run started. ``running``: the same for
+    tasks still running, ending at ``now`` (default: the last event's time).
+    """
+    view = run_view(source)
+    t0 = view.t0 or 0.0
+    bars = []
+    for bar in view.bars:
+        bars.append({
+            "node": bar["node"],
+            "task": bar["task"],
+            "label": bar["label"],
+            "engine": engine_short(bar["engine"]),
+            "host": bar["engine"],
+            "start": bar["started"] - t0,
+            "end": bar["ended"] - t0,
+            "duration": bar["ended"] - bar["started"],
+            "state": bar["state"],
+            "color": view.tasks[bar["task"]].color,
+        })
+    end = now if now is not None else (view.last_time or t0)
+    running = []
+    if view.counts[RUNNING]:
+        for node in view.nodes.values():
+            if node.state == RUNNING and node.running_at is not None:
+                running.append({
+                    "node": node.id,
+                    "task": node.task,
+                    "label": node.label,
+                    "engine": engine_short(node.engine or "kernel"),
+                    "host": node.engine,
+                    "start": node.running_at - t0,
+                    "end": max(end, node.running_at) - t0,
+                    "duration": max(end, node.running_at) - node.running_at,
+                    "state": RUNNING,
+                    "color": view.tasks[node.task].color,
+                })
+    engines = sorted({b["engine"] for b in bars} | {b["engine"] for b in running}, key=_natural_key)
+    return {"t0": t0, "engines": engines, "bars": bars, "running": running}
+
+
+def memory(source: RunView | Iterable[Event]) -> dict[str, Any]:
+    """Peak memory per executed task (``points``: ``node, task, label, engine, end, peak_memory,
+    color``; ``end`` in seconds since the run started), and the engines' ``limit`` if known."""
+    view = run_view(source)
+    t0 = view.t0 or 0.0
+    points = [
+        {
+            "node": bar["node"],
+            "task": bar["task"],
+            "label": bar["label"],
+            "engine": engine_short(bar["engine"]),
+            "end": bar["ended"] - t0,
+            "peak_memory": bar["peak_memory"],
+            "color": view.tasks[bar["task"]].color,
+        }
+        for bar in view.bars
+        if bar["peak_memory"] is not None
+    ]
+    limit = view.info.get("memory_limit")
+    return {"points": points, "limit": limit if isinstance(limit, int | float) else None}
+
+
+def cache_stats(source: RunView | Iterable[Event]) -> dict[str, Any]:
+    """Hits vs runs per task name, and the time the hits saved.
+
+    ``tasks``: ``name, color, hits, runs, failed, saved`` (``saved``: the sum of the recorded
+    durations of the hits, in seconds), in order of first appearance; and the ``total`` of each.
+    """
+    view = run_view(source)
+    tasks = [
+        {
+            "name": s.name,
+            "color": s.color,
+            "hits": s.hits,
+            "runs": s.runs,
+            "failed": s.failures,
+            "saved": s.saved,
+        }
+        for s in sorted(view.tasks.values(), key=lambda s: s.rank)
+    ]
+    total = {
+        "hits": sum(t["hits"] for t in tasks),
+        "runs": sum(t["runs"] for t in tasks),
+        "failed": sum(t["failed"] for t in tasks),
+        "saved": sum(t["saved"] for t in tasks),
+    }
+    return {"tasks": tasks, "total": total}

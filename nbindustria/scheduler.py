@@ -1,0 +1,720 @@
+"""The run loop: resolve what is cached, run the rest in dependency order, commit, report.
+
+State. One thread, the one that calls :meth:`Run.execute`, owns and changes all of it:
+
+* per node, ``handle.state``: ``added`` (waiting for inputs), ``queued``, ``running``, ``done``,
+  ``cached``, ``failed`` or ``skipped``; ``handle.key`` once its inputs' digests are known and
+  ``handle.digest`` (the result's digest) once it is done or cached;
+* ``waiting[node]``: how many inputs are not resolved yet;
+* the ready heap, ordered by priority;
+* ``staged``: results written by workers and waiting for a group commit.
+
+Executors run jobs wherever they run them and report each outcome by putting it on
+``self.outcomes`` (a queue); nothing else touches the state. A synchronous executor puts the
+outcome before ``submit`` returns, which keeps the same code path for in-process runs.
+
+Policy.
+
+* Cache hits are resolved in the kernel, in batches by level, before anything is dispatched:
+  a node's key needs its inputs' result digests, so a node whose input must run is resolved when
+  that input is done (it may then still be a hit: an input that re-ran to the same bytes).
+* Ready nodes run longest remaining critical path first, using each task's recorded duration
+  from earlier runs where there is one.
+* A result counts as done only once it is committed (signed, flushed, renamed, flushed).
+  Commits are grouped: as soon as nothing else is ready to run (someone waits on these
+  results), or 256 results are waiting, or the oldest waited 0.2 s.
+* A failure marks everything downstream skipped; independent work goes on; the run ends with one
+  PipelineError that holds every failure. ``retries`` re-runs a call that raised.
+* An input whose entry fails its check is moved aside and its task runs again first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import queue
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import HashingError, PipelineError, TaskError
+from .events import (
+    ADDED,
+    CACHED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUN_END,
+    RUN_START,
+    RUNNING,
+    SKIPPED,
+    Event,
+    EventLog,
+)
+from .graph import Graph
+from .hashing import CodeHasher, summarize
+from .keys import (
+    CallEncoding,
+    ProvenanceLookup,
+    arg_digests,
+    cache_key,
+    code_digest_of,
+    encode_call,
+)
+from .store import BadEntry, IndexRow, Staged, Store
+from .task import Handle, Task, TaskOptions
+from .worker import Input, Job, Outcome, execute, python_env
+
+COMMIT_BATCH = 256
+COMMIT_DELAY = 0.2
+FINAL = frozenset({"done", "cached", "failed", "skipped"})
+
+
+class Executor(Protocol):
+    """Where jobs run. ``submit`` must eventually call ``report(outcome)`` exactly once per job
+    (from any thread); the scheduler's loop is the only consumer."""
+
+    description: str
+    n_engines: int
+
+    def check_fits(self, options: TaskOptions, label: str) -> None: ...
+
+    def free_slot_for(self, options: TaskOptions) -> bool: ...
+
+    def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None]) -> None: ...
+
+    def store_dir_for_jobs(self, store: Store) -> str | None: ...
+
+    def cancel_all(self) -> None: ...
+
+    def poll(self) -> None: ...
+
+
+class LocalExecutor:
+    """Runs each job in this process, in the scheduler's thread, one at a time."""
+
+    description = "this process"
+    n_engines = 0
+
+    def __init__(self) -> None:
+        self._store: Store | None = None
+        self._running = False
+
+    def check_fits(self, options: TaskOptions, label: str) -> None:
+        return None  # the kernel runs one task at a time: anything fits
+
+    def free_slot_for(self, options: TaskOptions) -> bool:
+        return not self._running
+
+    def store_dir_for_jobs(self, store: Store) -> str | None:
+        self._store = store
+        return str(store.tmp_dir)
+
+    def _load(self, item: Input) -> Any:
+        assert self._store is not None
+        return self._store.load(item.key)  # checks the signature too: this is the kernel
+
+    def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None]) -> None:
+        self._running = True
+        try:
+            report(execute(job, self._load, engine="kernel"))
+        finally:
+            self._running = False
+
+    def cancel_all(self) -> None:
+        return None
+
+    def poll(self) -> None:
+        return None
+
+
+@dataclass
+class RunSummary:
+    ran: int = 0
+    cached: int = 0
+    failed: int = 0
+    skipped: int = 0
+    wall: float = 0.0
+    interrupted: bool = False
+    dryrun: bool = False
+    would_run: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.dryrun:
+            return (f"dry run: {len(self.would_run)} to run, {self.cached} cached "
+                    f"(nothing was run)")
+        text = (f"ran {self.ran}, cached {self.cached}, failed {self.failed}, "
+                f"skipped {self.skipped} in {self.wall:.2f} s")
+        return text + (" (interrupted)" if self.interrupted else "")
+
+
+class Run:
+    """One execution of a graph. Use once."""
+
+    def __init__(self, *, store: Store, events: EventLog, executor: Executor,
+                 pipeline_name: str, rerun: Iterable[str] = (), dryrun: bool = False,
+                 memcheck: bool = False, provenance: ProvenanceLookup | None = None,
+                 run_number: int = 0, profile_dir: str | None = None):
+        self.store = store
+        self.events = events
+        self.executor = executor
+        self.pipeline_name = pipeline_name
+        self.rerun_names = set(rerun)
+        self.dryrun = dryrun
+        self.memcheck = memcheck
+        self.provenance = provenance
+        self.run_number = run_number
+        self.profile_dir = profile_dir
+        self.env = python_env()
+        self.code = CodeHasher()
+        self.summary = RunSummary(dryrun=dryrun)
+        self.outcomes: queue.Queue[Outcome] = queue.Queue()
+        self.failures: list[TaskError] = []
+        self._code_digests: dict[int, tuple[str, dict[str, Any]]] = {}
+        self._encodings: dict[str, CallEncoding] = {}
+        self._ready: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._staged: list[tuple[Staged, Handle[Any], Outcome]] = []
+        self._staged_since = 0.0
+        self._in_flight: dict[str, Handle[Any]] = {}
+        self._attempts: dict[str, int] = {}
+        self._hits: list[str] = []
+        self._timings: list[tuple[Any, ...]] = []
+        self._unreadable: set[str] = set()
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def _emit(self, kind: str, handle: Handle[Any] | None = None, **fields: Any) -> None:
+        if handle is not None:
+            self.events.append(Event(kind, node=handle.node_id, task=handle.task.name,
+                                     label=handle.label, key=handle.key or "", **fields))
+        else:
+            self.events.append(Event(kind, **fields))
+
+    # ---- keys -----------------------------------------------------------------------------------
+
+    def _code_of(self, task: Task[Any, Any]) -> tuple[str, dict[str, Any]]:
+        found = self._code_digests.get(id(task.func))
+        if found is None:
+            found = code_digest_of(task, self.code)
+            self._code_digests[id(task.func)] = found
+            if found[1]:
+                self.store.index.put_code(found[0], found[1])
+        return found
+
+    def _encoding_of(self, handle: Handle[Any]) -> CallEncoding:
+        enc = self._encodings.get(handle.node_id)
+        if enc is None:
+            cached = handle.encoding
+            # An encoding made when the call was recorded is reused only if nothing in it
+            # could have changed in place since; otherwise the arguments are read again now.
+            if cached is not None and not cached.mutable:
+                enc = cached
+            else:
+                enc = encode_call(handle.task, handle.args, handle.kwargs, self.code,
+                                  self.provenance)
+            self._encodings[handle.node_id] = enc
+        return enc
+
+    def _compute_key(self, handle: Handle[Any]) -> str:
+        code_digest, _ = self._code_of(handle.task)
+        handle.key = cache_key(handle.task, code_digest, self._encoding_of(handle), self.env)
+        return handle.key
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def execute(self, targets: list[Handle[Any]]) -> RunSummary:
+        t0 = time.perf_counter()
+        graph = Graph(targets)
+        self.graph = graph
+        for node_id in graph.order:
+            handle = graph.nodes[node_id]
+            if handle.state in FINAL:
+                handle.state = "added"  # a new run decides again
+            handle.reason = ""
+            handle.error = None
+            self.executor.check_fits(handle.task.options, handle.label)
+        self._emit(RUN_START, info={"pipeline": self.pipeline_name, "tasks": len(graph),
+                                    "engines": self.executor.description,
+                                    "n_engines": self.executor.n_engines,
+                                    "run": self.run_number, "dryrun": self.dryrun})
+        for node_id in graph.order:
+            handle = graph.nodes[node_id]
+            self._emit(ADDED, handle, deps=tuple(graph.deps[node_id]))
+        self._priorities = self._priorities_for(graph)
+        self.waiting = {n: len(graph.deps[n]) for n in graph.order}
+        tmp_dir = self.executor.store_dir_for_jobs(self.store)
+        self._tmp_dir = tmp_dir
+        try:
+            self._resolve([n for n in graph.order if self.waiting[n] == 0])
+            if not self.dryrun:
+                self._loop()
+        except KeyboardInterrupt:
+            self.summary.interrupted = True
+            self.executor.cancel_all()
+            self._drain_finished()
+            raise
+        finally:
+            self._commit()
+            self._finish(t0)
+        if self.failures:
+            raise PipelineError(self.failures, skipped=self.summary.skipped)
+        return self.summary
+
+    def _priorities_for(self, graph: Graph) -> dict[str, float]:
+        """Longest remaining critical path, from recorded durations (per call, else per task
+        name, else one second)."""
+        names = sorted({h.task.name for h in graph.nodes.values()})
+        per_task: dict[str, float] = {}
+        if names:
+            rows = self.store.index.execute(
+                f"SELECT task, AVG(duration) FROM entries WHERE duration IS NOT NULL AND task IN "
+                f"({','.join('?' * len(names))}) GROUP BY task", tuple(names))
+            per_task = {task: float(avg) for task, avg in rows}
+        per_node: dict[str, float] = {}
+        ids = list(graph.nodes)
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            for node, duration in self.store.index.execute(
+                    f"SELECT node, duration FROM entries WHERE duration IS NOT NULL AND node IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY created", tuple(chunk)):
+                per_node[node] = float(duration)
+        durations = {n: per_node.get(n, per_task.get(h.task.name, 1.0))
+                     for n, h in graph.nodes.items()}
+        self.expected = durations
+        return graph.critical_path(durations)
+
+    def _resolve(self, frontier: list[str]) -> None:
+        """Compute keys of nodes whose inputs are all known, and look them up in batches. Hits
+        unblock their dependents, which are resolved in the next round (level by level)."""
+        graph = self.graph
+        while frontier:
+            keyed: list[Handle[Any]] = []
+            for node_id in frontier:
+                handle = graph.nodes[node_id]
+                try:
+                    self._compute_key(handle)
+                except (HashingError, TypeError) as exc:
+                    self._fail_now(handle, exc)
+                    continue
+                keyed.append(handle)
+            lookup = [h.key for h in keyed if h.key is not None and not self._forced(h)]
+            present = self.store.present(lookup) if lookup else {}
+            next_frontier: list[str] = []
+            for handle in keyed:
+                row = present.get(handle.key or "")
+                if row is not None and not self._forced(handle):
+                    self._mark_cached(handle, row)
+                    next_frontier.extend(self._unblock(handle))
+                elif self.dryrun:
+                    handle.state = "queued"
+                    handle.reason = self._reason(handle)
+                    self.summary.would_run.append(handle.label)
+                    self._emit(QUEUED, handle, reason=handle.reason)
+                    self._dry_mark_downstream(handle)
+                else:
+                    self._enqueue(handle)
+            frontier = next_frontier
+
+    def _forced(self, handle: Handle[Any]) -> bool:
+        return handle.task.options.rerun or handle.task.name in self.rerun_names
+
+    def _mark_cached(self, handle: Handle[Any], row: IndexRow) -> None:
+        handle.state = "cached"
+        handle.digest = row.result_digest
+        handle.reason = "cache hit"
+        self.summary.cached += 1
+        self._hits.append(row.key)
+        self._emit(CACHED, handle, duration=row.duration, size=row.size, engine=row.engine,
+                   peak_memory=row.peak_memory, cpu=row.cpu)
+
+    def _unblock(self, handle: Handle[Any]) -> list[str]:
+        ready = []
+        for dep_id in self.graph.dependents.get(handle.node_id, []):
+            self.waiting[dep_id] -= 1
+            if self.waiting[dep_id] == 0 and self.graph.nodes[dep_id].state == "added":
+                ready.append(dep_id)
+        return ready
+
+    def _dry_mark_downstream(self, handle: Handle[Any]) -> None:
+        for node_id in self.graph.downstream(handle.node_id):
+            dep = self.graph.nodes[node_id]
+            if dep.state == "added":
+                dep.state = "queued"
+                dep.reason = f"an input will run first ({handle.label})"
+                self.summary.would_run.append(dep.label)
+                self._emit(QUEUED, dep, reason=dep.reason)
+
+    def _enqueue(self, handle: Handle[Any]) -> None:
+        handle.state = "queued"
+        handle.reason = handle.reason or self._reason(handle)
+        self._seq += 1
+        heapq.heappush(self._ready, (-self._priorities.get(handle.node_id, 0.0), self._seq,
+                                     handle.node_id))
+        self._emit(QUEUED, handle, reason=handle.reason)
+
+    def _reason(self, handle: Handle[Any]) -> str:
+        """A one-line reason (the full explanation with diffs is ``Pipeline.why``)."""
+        if self._forced(handle):
+            return "forced by rerun"
+        if handle.key in self._unreadable:
+            return "its cache entry was unreadable"
+        code_digest, _ = self._code_of(handle.task)
+        rows = self.store.index.query("node = ?", (handle.node_id,), limit=1)
+        if not rows:
+            return "never run with these arguments"
+        previous = rows[0]
+        if previous.code_digest != code_digest:
+            return f"code of {handle.task.name} changed"
+        digests = arg_digests(self._encoding_of(handle))
+        old = json.loads(previous.arg_digests or "{}")
+        changed = [name for name, d in digests.items() if old.get(name) != d]
+        if changed:
+            return "input changed: " + ", ".join(changed)
+        return "environment changed" if previous.key != handle.key else "entry missing"
+
+    def _loop(self) -> None:
+        while True:
+            self._dispatch()
+            if not self._in_flight and not self._ready:
+                if self._staged:
+                    self._commit()
+                    continue
+                if self.outcomes.empty():
+                    break
+            timeout = None
+            if self._staged:
+                timeout = max(0.0, self._staged_since + COMMIT_DELAY - time.monotonic())
+            try:
+                outcome = self.outcomes.get(timeout=0.05 if timeout is None else
+                                            min(timeout, 0.05))
+            except queue.Empty:
+                self.executor.poll()
+                if self._staged and (not self._ready or
+                                     time.monotonic() - self._staged_since >= COMMIT_DELAY):
+                    self._commit()
+                continue
+            self._handle(outcome)
+            while True:  # take everything that is already there before deciding anything
+                try:
+                    self._handle(self.outcomes.get_nowait())
+                except queue.Empty:
+                    break
+            if self._staged and (not self._ready or len(self._staged) >= COMMIT_BATCH or
+                                 time.monotonic() - self._staged_since >= COMMIT_DELAY):
+                self._commit()
+
+    def _dispatch(self) -> None:
+        deferred: list[tuple[float, int, str]] = []
+        while self._ready:
+            item = heapq.heappop(self._ready)
+            handle = self.graph.nodes[item[2]]
+            if not self.executor.free_slot_for(handle.task.options):
+                deferred.append(item)
+                # Something else may fit where this one does not (resources); look a little
+                # further, but not through the whole queue every time.
+                if len(deferred) >= 16:
+                    break
+                continue
+            self._submit(handle)
+        for item in deferred:
+            heapq.heappush(self._ready, item)
+
+    def _submit(self, handle: Handle[Any]) -> None:
+        try:
+            job = self._job_for(handle)
+        except _RetryInputs as retry:
+            # An input's entry went bad since it was resolved: run that input again first.
+            for dep, reason in retry.bad:
+                if dep.key is not None:
+                    self.store.reject(dep.key, reason, dep.label)
+                self._requeue_upstream(dep)
+            handle.state = "added"
+            self.waiting[handle.node_id] = sum(
+                1 for d in self.graph.deps[handle.node_id]
+                if self.graph.nodes[d].state not in ("done", "cached"))
+            return
+        handle.state = "running"
+        self._in_flight[handle.node_id] = handle
+        self._emit(RUNNING, handle)
+        self.executor.submit(job, handle.task.options, self.outcomes.put)
+
+    def _input(self, dep: Handle[Any]) -> Input:
+        assert dep.key is not None
+        header_digest, _header, _off = self.store.verified_header(dep.key)
+        return Input(dep.key, str(self.store.entry_path(dep.key)), header_digest, dep.label)
+
+    def _job_for(self, handle: Handle[Any]) -> Job:
+        inputs: dict[int, Input] = {}
+        bad: list[tuple[Handle[Any], str]] = []
+        encoding = self._encoding_of(handle)
+        for dep in encoding.handles:
+            if id(dep) in inputs:
+                continue
+            try:
+                inputs[id(dep)] = self._input(dep)
+            except (FileNotFoundError, BadEntry) as exc:
+                bad.append((dep, str(exc) or "missing"))
+        if bad:
+            raise _RetryInputs(bad)
+
+        def to_input(value: Any) -> Any:
+            if isinstance(value, Handle):
+                return inputs[id(value)]
+            if self.provenance is not None:
+                origin = self.provenance(value)
+                if origin is not None and id(origin) in inputs:
+                    return inputs[id(origin)]
+            return value
+
+        args = tuple(_replace_handles(a, to_input) for a in handle.args)
+        kwargs = {k: _replace_handles(v, to_input) for k, v in handle.kwargs.items()}
+        code_digest, _ = self._code_of(handle.task)
+        encoding = self._encoding_of(handle)
+        meta = {
+            "node": handle.node_id, "task": handle.task.name, "label": handle.label,
+            "code_digest": code_digest, "env": self.env,
+            "args": {name: _param_summary(handle, name) for name, _, _ in encoding.params},
+            "arg_digests": arg_digests(encoding),
+            "upstream": {dep.label: dep.digest for dep in encoding.handles},
+            "pipeline": self.pipeline_name,
+        }
+        self._attempts[handle.node_id] = self._attempts.get(handle.node_id, 0) + 1
+        assert handle.key is not None
+        return Job(key=handle.key, node_id=handle.node_id, label=handle.label,
+                   func=handle.task.func, args=args, kwargs=kwargs, meta=meta,
+                   tmp_dir=self._tmp_dir, memcheck=self.memcheck,
+                   profile=self.profile_dir is not None,
+                   attempt=self._attempts[handle.node_id])
+
+    def _handle(self, outcome: Outcome) -> None:
+        handle = self._in_flight.pop(outcome.node_id, None)
+        if handle is None or handle.key != outcome.key or handle.state != "running":
+            # A late or duplicate result (a resubmitted task whose first engine answered after
+            # all): harmless, its staged file is simply not committed.
+            _discard(outcome)
+            return
+        if outcome.ok:
+            staged = outcome.staged
+            if staged is None:  # the engine could not reach the store: the kernel stages
+                from .store import stage_value
+
+                staged = stage_value(self.store.tmp_dir, handle.key, outcome.value,
+                                     outcome.extra.get("meta", {}), label=handle.label)
+                outcome.value = None
+            if not self._staged:
+                self._staged_since = time.monotonic()
+            self._staged.append((staged, handle, outcome))
+            return
+        if outcome.bad_input is not None:
+            self._redo_input(handle, *outcome.bad_input)
+            return
+        if (outcome.error_type not in ("UnpicklableResultError", "EngineLost")
+                and self._attempts.get(handle.node_id, 0) <= handle.task.options.retries):
+            handle.state = "queued"
+            handle.reason = f"retry {self._attempts[handle.node_id]} after " \
+                            f"{outcome.error_type}"
+            self._seq += 1
+            heapq.heappush(self._ready, (-self._priorities.get(handle.node_id, 0.0),
+                                         self._seq, handle.node_id))
+            return
+        self._fail(handle, outcome)
+
+    def _redo_input(self, handle: Handle[Any], bad_key: str, reason: str) -> None:
+        """An input failed its check where the task ran: move it aside, run it again, then
+        this task."""
+        upstream = next((d for d in self._encoding_of(handle).handles if d.key == bad_key), None)
+        self.store.reject(bad_key, reason, upstream.label if upstream else "")
+        handle.state = "added"
+        if upstream is None:
+            self._fail(handle, Outcome(handle.key or "", handle.node_id, False,
+                                       error_type="InputUnusable", error_message=reason))
+            return
+        self._requeue_upstream(upstream)
+        self.waiting[handle.node_id] = sum(
+            1 for d in self.graph.deps[handle.node_id]
+            if self.graph.nodes[d].state not in ("done", "cached"))
+
+    def _requeue_upstream(self, upstream: Handle[Any]) -> None:
+        self._unreadable.add(upstream.key or "")
+        if upstream.state in ("done", "cached"):
+            if upstream.state == "cached":
+                self.summary.cached -= 1
+            else:
+                self.summary.ran -= 1
+            for dep_id in self.graph.dependents.get(upstream.node_id, []):
+                self.waiting[dep_id] += 1
+            upstream.state = "added"
+            upstream.digest = None
+            upstream.reason = "its cache entry was unreadable"
+            self._enqueue(upstream)
+
+    def _fail(self, handle: Handle[Any], outcome: Outcome) -> None:
+        handle.state = "failed"
+        error = TaskError(handle.label, outcome.error_type, outcome.error_message,
+                          outcome.traceback or f"{outcome.error_type}: {outcome.error_message}",
+                          engine=outcome.engine if outcome.engine != "kernel" else None)
+        handle.error = error
+        self.failures.append(error)
+        self.summary.failed += 1
+        self._timings.append((handle.key, handle.task.name, handle.label, "failed",
+                              outcome.engine, outcome.started, outcome.ended,
+                              outcome.duration, outcome.cpu, outcome.peak_memory))
+        self._emit(FAILED, handle, engine=outcome.engine, started=outcome.started,
+                   ended=outcome.ended, duration=outcome.duration,
+                   error=f"{outcome.error_type}: {outcome.error_message}",
+                   traceback=error.traceback_text)
+        self._skip_downstream(handle)
+
+    def _fail_now(self, handle: Handle[Any], exc: Exception) -> None:
+        """A call that cannot even be keyed (an unhashable argument, a bad signature)."""
+        self._fail(handle, Outcome(handle.key or "", handle.node_id, False,
+                                   error_type=type(exc).__name__, error_message=str(exc),
+                                   traceback=f"{type(exc).__name__}: {exc}\n"))
+
+    def _skip_downstream(self, handle: Handle[Any]) -> None:
+        for node_id in self.graph.downstream(handle.node_id):
+            dep = self.graph.nodes[node_id]
+            if dep.state not in FINAL:
+                if dep.state == "queued":
+                    self._ready = [r for r in self._ready if r[2] != node_id]
+                    heapq.heapify(self._ready)
+                dep.state = "skipped"
+                dep.reason = f"{handle.label} failed"
+                self.summary.skipped += 1
+                self._emit(SKIPPED, dep, reason=dep.reason)
+
+    def _commit(self) -> None:
+        if not self._staged:
+            return
+        batch, self._staged = self._staged, []
+        rows = []
+        for staged, handle, outcome in batch:
+            code_digest, _ = self._code_of(handle.task)
+            meta = staged.header.get("meta", {})
+            rows.append(IndexRow(
+                key=staged.key, node=handle.node_id, task=handle.task.name, label=handle.label,
+                kind=str(staged.header["kind"]), size=staged.size,
+                result_digest=staged.result_digest, header_digest="", created=time.time(),
+                duration=outcome.duration, cpu=outcome.cpu, peak_memory=outcome.peak_memory,
+                engine=outcome.engine, host=outcome.host, hits=0, code_digest=code_digest,
+                args=json.dumps(meta.get("args", {})),
+                arg_digests=json.dumps(meta.get("arg_digests", {})),
+                upstream=json.dumps(meta.get("upstream", {}))))
+        self.store.commit([s for s, _, _ in batch], rows)
+        ready: list[str] = []
+        for staged, handle, outcome in batch:
+            if self.profile_dir is not None and "profile" in outcome.extra:
+                _save_profile(self.profile_dir, handle, outcome.extra["profile"])
+            handle.state = "done"
+            handle.digest = staged.result_digest
+            handle._forget_value()
+            self.summary.ran += 1
+            self._timings.append((handle.key, handle.task.name, handle.label, "done",
+                                  outcome.engine, outcome.started, outcome.ended,
+                                  outcome.duration, outcome.cpu, outcome.peak_memory))
+            self._emit(DONE, handle, engine=outcome.engine, started=outcome.started,
+                       ended=outcome.ended, duration=outcome.duration, cpu=outcome.cpu,
+                       peak_memory=outcome.peak_memory, size=staged.size, reason=handle.reason,
+                       info={"path": str(self.store.entry_path(staged.key))})
+            ready.extend(self._unblock(handle))
+        self._resolve(ready)
+
+    def _drain_finished(self) -> None:
+        """After an interrupt: keep every result that already arrived."""
+        while True:
+            try:
+                outcome = self.outcomes.get_nowait()
+            except queue.Empty:
+                break
+            handle = self._in_flight.get(outcome.node_id)
+            if handle is not None and outcome.ok and outcome.staged is not None:
+                self._in_flight.pop(outcome.node_id)
+                self._staged.append((outcome.staged, handle, outcome))
+        for handle in self._in_flight.values():
+            handle.state = "added"
+
+    def _finish(self, t0: float) -> None:
+        self.summary.wall = time.perf_counter() - t0
+        try:
+            if self._hits:
+                self.store.index.add_hits(self._hits)
+            if not self.dryrun:
+                self._record_history()
+        finally:
+            self._emit(RUN_END, info={"pipeline": self.pipeline_name, "ran": self.summary.ran,
+                                      "cached": self.summary.cached,
+                                      "failed": self.summary.failed,
+                                      "skipped": self.summary.skipped,
+                                      "wall": self.summary.wall,
+                                      "interrupted": self.summary.interrupted,
+                                      "dryrun": self.dryrun})
+
+    def _record_history(self) -> None:
+        index = self.store.index
+        with index.transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (pipeline, started, ended, engines, ran, cached, failed, "
+                "skipped) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (self.pipeline_name, time.time() - self.summary.wall, time.time(),
+                 self.executor.description, self.summary.ran, self.summary.cached,
+                 self.summary.failed, self.summary.skipped))
+            run_id = cursor.lastrowid
+            conn.executemany("INSERT INTO timings VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                             [(run_id, *t) for t in self._timings])
+
+
+class _RetryInputs(Exception):
+    def __init__(self, bad: list[tuple[Handle[Any], str]]):
+        self.bad = bad
+
+
+def _replace_handles(value: Any, replace: Callable[[Any], Any]) -> Any:
+    from .graph import is_walked_container
+
+    replaced = replace(value)
+    if replaced is not value:
+        return replaced
+    if not is_walked_container(value):
+        return value
+    if isinstance(value, dict):
+        return {_replace_handles(k, replace): _replace_handles(v, replace)
+                for k, v in value.items()}
+    items = [_replace_handles(v, replace) for v in value]
+    if isinstance(value, tuple) and type(value) is not tuple:
+        return type(value)._make(items)  # type: ignore[attr-defined]
+    return type(value)(items)
+
+
+def _param_summary(handle: Handle[Any], name: str) -> str:
+    from .keys import bind
+
+    try:
+        value = bind(handle.task, handle.args, handle.kwargs).get(name)
+    except TypeError:
+        return "?"
+    if isinstance(value, Handle):
+        return value.label
+    return summarize(value)
+
+
+def _save_profile(profile_dir: str, handle: Handle[Any], stats: bytes) -> None:
+    """cProfile statistics of one task, readable with pstats (``nbindustria profile``)."""
+    import os
+    import re
+
+    os.makedirs(profile_dir, mode=0o700, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", handle.task.name)
+    path = os.path.join(profile_dir, f"{name}-{(handle.key or '')[:16]}.pstats")
+    with open(path, "wb") as out:
+        out.write(stats)
+
+
+def _discard(outcome: Outcome) -> None:
+    import contextlib
+    import os
+
+    if outcome.staged is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(outcome.staged.path)
