@@ -67,6 +67,7 @@ from .task import Handle, Task, TaskOptions
 from .worker import Input, Job, Outcome, execute, python_env
 
 COMMIT_BATCH = 256
+MAX_ENGINE_DEATHS = 3
 COMMIT_DELAY = 0.2
 FINAL = frozenset({"done", "cached", "failed", "skipped"})
 
@@ -80,9 +81,14 @@ class Executor(Protocol):
 
     def check_fits(self, options: TaskOptions, label: str) -> None: ...
 
-    def free_slot_for(self, options: TaskOptions) -> bool: ...
+    def free_slot_for(self, options: TaskOptions, expected: float = 1.0) -> bool: ...
 
-    def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None]) -> None: ...
+    def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None],
+               expected: float = 1.0) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def finished(self, outcome: Outcome) -> None: ...
 
     def store_dir_for_jobs(self, store: Store) -> str | None: ...
 
@@ -104,7 +110,7 @@ class LocalExecutor:
     def check_fits(self, options: TaskOptions, label: str) -> None:
         return None  # the kernel runs one task at a time: anything fits
 
-    def free_slot_for(self, options: TaskOptions) -> bool:
+    def free_slot_for(self, options: TaskOptions, expected: float = 1.0) -> bool:
         return not self._running
 
     def store_dir_for_jobs(self, store: Store) -> str | None:
@@ -115,7 +121,8 @@ class LocalExecutor:
         assert self._store is not None
         return self._store.load(item.key)  # checks the signature too: this is the kernel
 
-    def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None]) -> None:
+    def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None],
+               expected: float = 1.0) -> None:
         self._running = True
         try:
             report(execute(job, self._load, engine="kernel"))
@@ -126,6 +133,12 @@ class LocalExecutor:
         return None
 
     def poll(self) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def finished(self, outcome: Outcome) -> None:
         return None
 
 
@@ -182,6 +195,7 @@ class Run:
         self._hits: list[str] = []
         self._timings: list[tuple[Any, ...]] = []
         self._unreadable: set[str] = set()
+        self._deaths: dict[str, list[str]] = {}
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -410,7 +424,8 @@ class Run:
         while self._ready:
             item = heapq.heappop(self._ready)
             handle = self.graph.nodes[item[2]]
-            if not self.executor.free_slot_for(handle.task.options):
+            if not self.executor.free_slot_for(handle.task.options,
+                                               self.expected.get(handle.node_id, 1.0)):
                 deferred.append(item)
                 # Something else may fit where this one does not (resources); look a little
                 # further, but not through the whole queue every time.
@@ -420,6 +435,7 @@ class Run:
             self._submit(handle)
         for item in deferred:
             heapq.heappush(self._ready, item)
+        self.executor.flush()
 
     def _submit(self, handle: Handle[Any]) -> None:
         try:
@@ -438,7 +454,8 @@ class Run:
         handle.state = "running"
         self._in_flight[handle.node_id] = handle
         self._emit(RUNNING, handle)
-        self.executor.submit(job, handle.task.options, self.outcomes.put)
+        self.executor.submit(job, handle.task.options, self.outcomes.put,
+                             self.expected.get(handle.node_id, 1.0))
 
     def _input(self, dep: Handle[Any]) -> Input:
         assert dep.key is not None
@@ -489,6 +506,7 @@ class Run:
                    attempt=self._attempts[handle.node_id])
 
     def _handle(self, outcome: Outcome) -> None:
+        self.executor.finished(outcome)
         handle = self._in_flight.pop(outcome.node_id, None)
         if handle is None or handle.key != outcome.key or handle.state != "running":
             # A late or duplicate result (a resubmitted task whose first engine answered after
@@ -510,6 +528,22 @@ class Run:
         if outcome.bad_input is not None:
             self._redo_input(handle, *outcome.bad_input)
             return
+        if outcome.error_type == "EngineLost":
+            # Only the task that was running is charged; it goes to another engine, up to
+            # MAX_ENGINE_DEATHS times.
+            deaths = self._deaths.setdefault(handle.node_id, [])
+            deaths.append(outcome.error_message)
+            self._attempts[handle.node_id] -= 1
+            if len(deaths) < MAX_ENGINE_DEATHS:
+                handle.state = "queued"
+                handle.reason = f"resubmitted: {outcome.error_message}"
+                self._seq += 1
+                heapq.heappush(self._ready, (-self._priorities.get(handle.node_id, 0.0),
+                                             self._seq, handle.node_id))
+                return
+            outcome.error_message = (f"{len(deaths)} engines died while running it: "
+                                     + "; ".join(deaths))
+            outcome.traceback = "EngineLost: " + outcome.error_message + "\n"
         if (outcome.error_type not in ("UnpicklableResultError", "EngineLost")
                 and self._attempts.get(handle.node_id, 0) <= handle.task.options.retries):
             handle.state = "queued"

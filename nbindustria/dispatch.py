@@ -1,0 +1,401 @@
+"""Running jobs on ipyparallel engines: placement, batching, engine loss.
+
+:class:`EngineExecutor` is the scheduler's executor for engines. The scheduler's loop thread owns
+the placement state here too (which engine runs what, what each host has free); ipyparallel's
+completion callbacks only turn replies into outcomes and put them on the scheduler's queue, and
+the loop then calls :meth:`EngineExecutor.finished` to free the resources.
+
+Placement. Each engine runs one message at a time. A task goes to an idle engine whose host still
+has the task's ``cpus``, ``memory`` and ``gpus`` free and whose own custom resources cover it, so
+the tasks on one host never together exceed its cores or memory. Tasks expected to be short
+(recorded durations under ``SHORT_TASK``) are sent in batches, several per message and two
+messages in flight per engine, so that fine-grained graphs are not drowned in messaging; long
+tasks go one at a time.
+
+Data. When an engine can reach the cache directory, it reads its inputs from the store (checking
+them against the header digests the kernel vouched for) and stages its result there; only
+metadata comes back. Otherwise values travel through ipyparallel and the kernel stages them.
+
+Engine loss. If the engine running a task dies, every job of its in-flight messages comes back as
+an ``EngineLost`` outcome; the scheduler resubmits it elsewhere and fails the task after
+``MAX_ENGINE_DEATHS`` deaths.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from .errors import EngineError, NbindustriaError
+from .task import TaskOptions
+from .worker import Job, Outcome, engine_loader, execute
+
+if TYPE_CHECKING:
+    from .cluster import EngineInfo, Engines
+    from .store import Store
+
+SHORT_TASK = 0.05  # seconds: below this a task travels in a batch
+BATCH_MAX = 64  # jobs per message at most
+BATCH_TARGET_SECONDS = 0.05  # a batch holds about this much expected work
+SHORT_INFLIGHT = 2  # messages of short tasks in flight per engine (hides the round trip)
+MAX_ENGINE_DEATHS = 3
+POLL_INTERVAL = 0.5  # seconds between looks for engines that joined or left
+
+# On the engine: functions already received, by digest (sent once per engine, not per job).
+_ENGINE_FUNCTIONS: dict[str, Any] = {}
+
+
+def _run_batch(functions: dict[str, bytes], jobs_blob: bytes, engine_label: str) -> list[Outcome]:
+    """Runs on an engine: unpickle the functions we have not seen, run each job in order."""
+    import cloudpickle
+
+    for digest, blob in functions.items():
+        if digest not in _ENGINE_FUNCTIONS:
+            _ENGINE_FUNCTIONS[digest] = cloudpickle.loads(blob)
+    jobs: list[tuple[str, Job]] = cloudpickle.loads(jobs_blob)
+    outcomes = []
+    for digest, job in jobs:
+        job.func = _ENGINE_FUNCTIONS[digest]
+        outcome = execute(job, engine_loader, engine=engine_label)
+        if outcome.has_value:  # the kernel stages it: send it by value, cloudpickled
+            outcome.value = cloudpickle.dumps(outcome.value)
+        outcomes.append(outcome)
+    return outcomes
+
+
+@dataclass
+class _Engine:
+    id: int
+    host: str
+    pid: int
+    cores: int
+    memory: int
+    label: str
+    reaches_store: bool = False
+    resources: dict[str, float] = field(default_factory=dict)
+    messages: int = 0  # messages in flight
+    short: bool = False  # the messages in flight are batches of short tasks
+    jobs: dict[str, tuple[TaskOptions, int]] = field(default_factory=dict)  # node -> (opts, msg)
+    functions: set[str] = field(default_factory=set)
+    alive: bool = True
+
+
+@dataclass
+class _Host:
+    cores: float
+    memory: int
+    gpus: float
+    used_cpus: float = 0.0
+    used_memory: int = 0
+    used_gpus: float = 0.0
+
+
+class EngineExecutor:
+    """Places jobs on ipyparallel engines (see the module docstring for the policy)."""
+
+    def __init__(self, engines: Engines, resources: dict[int, dict[str, float]] | None = None,
+                 gpus_per_host: dict[str, float] | None = None):
+        self.engines = engines
+        self._custom = dict(resources or {})
+        self._gpus = dict(gpus_per_host or {})
+        self._engines: dict[int, _Engine] = {}
+        self._hosts: dict[str, _Host] = {}
+        self._store_tmp: str | None = None
+        self._store_path: str | None = None
+        self._pending: dict[int, list[tuple[Job, TaskOptions]]] = {}
+        self._report: Callable[[Outcome], None] | None = None
+        self._msg_seq = 0
+        self._messages: dict[int, Any] = {}  # msg id -> AsyncResult
+        self._last_poll = 0.0
+        self._local_host = socket.gethostname()
+        self.deaths: dict[str, list[str]] = {}
+        self._refresh()
+        if not self._engines:
+            raise EngineError(f"no engines are registered with {engines.description}")
+
+    @classmethod
+    def from_setting(cls, setting: int | str) -> EngineExecutor:
+        from . import cluster
+
+        if isinstance(setting, int) or setting == "auto":
+            return cls(cluster.shared_local(setting))
+        if setting.startswith("mpi:"):  # "mpi:4": four local engines under mpiexec
+            return cls(cluster.shared_local(int(setting[4:]), mpi=True))
+        return cls(cluster.connect(profile=setting))
+
+    # ---- engines -------------------------------------------------------------------------------
+
+    @property
+    def description(self) -> str:
+        return self.engines.description
+
+    @property
+    def n_engines(self) -> int:
+        return sum(1 for e in self._engines.values() if e.alive)
+
+    def set_resources(self, engine_id: int, resources: dict[str, float]) -> None:
+        """Custom resources an engine offers (as ``ray start --resources``)."""
+        self._custom[engine_id] = dict(resources)
+        if engine_id in self._engines:
+            self._engines[engine_id].resources = dict(resources)
+
+    def _refresh(self) -> None:
+        """Take in engines that joined; forget engines that left while idle."""
+        ids = set(self.engines.ids())
+        known = {i for i, e in self._engines.items() if e.alive}
+        if ids - known:
+            for info in self.engines.info(refresh=True):
+                if info.id in ids and info.id not in known:
+                    self._add(info)
+        for gone in known - ids:
+            engine = self._engines[gone]
+            if not engine.jobs:
+                engine.alive = False  # a graceful removal: nothing was lost
+
+    def _add(self, info: EngineInfo) -> None:
+        engine = _Engine(id=info.id, host=info.host, pid=info.pid, cores=info.cores,
+                         memory=info.memory, label=f"engine {info.id} ({info.host}:{info.pid})",
+                         resources=dict(self._custom.get(info.id, {})))
+        if self._store_path is not None:
+            reach = self.engines.check_shared_dir(self._store_tmp or self._store_path)
+            engine.reaches_store = bool(reach.get(info.id))
+        self._engines[info.id] = engine
+        self._hosts.setdefault(info.host, _Host(cores=info.cores, memory=info.memory,
+                                                gpus=self._gpus.get(info.host, 0.0)))
+
+    def store_dir_for_jobs(self, store: Store) -> str | None:
+        # Called at the start of each run: functions are pickled again, since a global they
+        # read by value may have changed since the last run.
+        _BLOBS.clear()
+        for engine in self._engines.values():
+            engine.functions.clear()
+        self._store_path = str(store.path)
+        self._store_tmp = str(store.tmp_dir)
+        reach = self.engines.check_shared_dir(self._store_tmp)
+        for engine in self._engines.values():
+            engine.reaches_store = bool(reach.get(engine.id))
+        return self._store_tmp
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now - self._last_poll >= POLL_INTERVAL:
+            self._last_poll = now
+            self._refresh()
+
+    # ---- placement -----------------------------------------------------------------------------
+
+    def _host_fits(self, host: _Host, options: TaskOptions, free: bool) -> bool:
+        cpus, memory, gpus = options.cpus, options.memory or 0, options.gpus
+        if free:
+            return (host.used_cpus + cpus <= host.cores + 1e-9
+                    and host.used_memory + memory <= host.memory
+                    and host.used_gpus + gpus <= host.gpus + 1e-9)
+        return cpus <= host.cores and memory <= host.memory and gpus <= host.gpus
+
+    @staticmethod
+    def _custom_fits(engine: _Engine, options: TaskOptions) -> bool:
+        return all(engine.resources.get(name, 0.0) >= amount
+                   for name, amount in options.resources.items())
+
+    def check_fits(self, options: TaskOptions, label: str) -> None:
+        for engine in self._engines.values():
+            if engine.alive and self._custom_fits(engine, options) and self._host_fits(
+                    self._hosts[engine.host], options, free=False):
+                return
+        hosts = ", ".join(f"{name}: {h.cores:g} cores, {h.memory / 2**30:.1f} GiB, "
+                          f"{h.gpus:g} GPUs" for name, h in self._hosts.items())
+        raise NbindustriaError(
+            f"{label} needs cpus={options.cpus:g}, memory={options.memory or 0} bytes, "
+            f"gpus={options.gpus:g}, resources={dict(options.resources)}, and no engine has "
+            f"that ({hosts}; custom resources: "
+            f"{ {e.id: e.resources for e in self._engines.values()} }). Lower the request or "
+            "add engines that have it.")
+
+    def _candidate(self, options: TaskOptions, short: bool) -> _Engine | None:
+        best: _Engine | None = None
+        for engine in self._engines.values():
+            if not engine.alive or not self._custom_fits(engine, options):
+                continue
+            if engine.messages == 0:
+                pass
+            elif short and engine.short and engine.messages < SHORT_INFLIGHT:
+                pass
+            else:
+                continue
+            if not self._host_fits(self._hosts[engine.host], options, free=True):
+                continue
+            # Prefer the least loaded engine; among equals, the lowest id (stable).
+            if best is None or (engine.messages, engine.id) < (best.messages, best.id):
+                best = engine
+        return best
+
+    def free_slot_for(self, options: TaskOptions, expected: float = 1.0) -> bool:
+        return self._candidate(options, expected < SHORT_TASK) is not None
+
+    def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None],
+               expected: float = 1.0) -> None:
+        self._report = report
+        short = expected < SHORT_TASK
+        engine = self._candidate(options, short)
+        if engine is None:
+            raise EngineError(f"no engine is free for {job.label}")  # the loop checked first
+        self._reserve(engine, options)
+        if not engine.reaches_store:
+            job.tmp_dir = None
+        elif engine.host != self._local_host:
+            job.fsync = True  # our syncfs does not reach another host's page cache
+        batch = self._pending.setdefault(engine.id, [])
+        batch.append((job, options))
+        engine.jobs[job.node_id] = (options, -1)
+        if not short:
+            self._send(engine)
+            return
+        budget = max(1, min(BATCH_MAX, int(BATCH_TARGET_SECONDS / max(expected, 1e-4))))
+        if len(batch) >= budget:
+            self._send(engine)
+
+    def flush(self) -> None:
+        """Send every batch being filled (the scheduler calls this after each dispatch)."""
+        for engine_id in list(self._pending):
+            if self._pending[engine_id]:
+                self._send(self._engines[engine_id])
+
+    def _reserve(self, engine: _Engine, options: TaskOptions) -> None:
+        host = self._hosts[engine.host]
+        host.used_cpus += options.cpus
+        host.used_memory += options.memory or 0
+        host.used_gpus += options.gpus
+
+    def _release(self, engine: _Engine, options: TaskOptions) -> None:
+        host = self._hosts[engine.host]
+        host.used_cpus = max(0.0, host.used_cpus - options.cpus)
+        host.used_memory = max(0, host.used_memory - (options.memory or 0))
+        host.used_gpus = max(0.0, host.used_gpus - options.gpus)
+
+    def _send(self, engine: _Engine) -> None:
+        import cloudpickle
+
+        batch = self._pending.pop(engine.id, [])
+        if not batch:
+            return
+        functions: dict[str, bytes] = {}
+        jobs: list[tuple[str, Job]] = []
+        for job, _options in batch:
+            blob = _function_blob(job.func)
+            digest = xxhash.xxh3_64_hexdigest(blob)
+            if digest not in engine.functions:
+                functions[digest] = blob
+                engine.functions.add(digest)
+            func, job.func = job.func, None  # type: ignore[assignment]
+            try:
+                jobs.append((digest, _copy_job(job)))
+            finally:
+                job.func = func
+        self._msg_seq += 1
+        msg = self._msg_seq
+        for job, options in batch:
+            engine.jobs[job.node_id] = (options, msg)
+        engine.messages += 1
+        engine.short = len(batch) > 1 or engine.short
+        report = self._report
+        assert report is not None
+        view = self.engines.client[engine.id]
+        try:
+            async_result = view.apply_async(_run_batch, functions,
+                                            cloudpickle.dumps(jobs), engine.label)
+        except Exception as exc:  # noqa: BLE001 - the engine is unreachable: same as lost
+            engine.functions.clear()
+            for job, _options in batch:
+                report(_lost(job.key, job.node_id, engine, f"could not send: {exc}"))
+            return
+        self._messages[msg] = async_result
+        keys = [(job.key, job.node_id) for job, _ in batch]
+
+        def done(ar: Any, keys: list[tuple[str, str]] = keys, engine: _Engine = engine) -> None:
+            # ipyparallel's thread: only turn the reply into outcomes and hand them over.
+            try:
+                outcomes = ar.result()
+            except Exception as exc:  # noqa: BLE001 - EngineError and any transport failure
+                outcomes = [_lost(key, node, engine, f"{type(exc).__name__}: {exc}")
+                            for key, node in keys]
+            for outcome in outcomes:
+                report(outcome)
+
+        async_result.add_done_callback(done)
+
+    def finished(self, outcome: Outcome) -> None:
+        """The loop thread took an outcome: free what its job held."""
+        for engine in self._engines.values():
+            entry = engine.jobs.pop(outcome.node_id, None)
+            if entry is None:
+                continue
+            options, msg = entry
+            self._release(engine, options)
+            if msg not in (e[1] for e in engine.jobs.values()):
+                engine.messages = max(0, engine.messages - 1)
+                self._messages.pop(msg, None)
+                if engine.messages == 0:
+                    engine.short = False
+            if outcome.error_type == "EngineLost":
+                engine.alive = False
+                engine.functions.clear()
+            if outcome.has_value and isinstance(outcome.value, bytes):
+                import cloudpickle
+
+                outcome.value = cloudpickle.loads(outcome.value)
+            return
+
+    def cancel_all(self) -> None:
+        """Interrupt: drop queued batches, abort what ipyparallel can abort."""
+        self._pending.clear()
+        pending = [ar for ar in self._messages.values() if not ar.done()]
+        if pending:
+            try:
+                self.engines.client.abort(pending)
+            except Exception:  # noqa: BLE001 - best effort: results that land are still kept
+                pass
+        interrupt = getattr(self.engines, "interrupt_busy", None)
+        if interrupt is not None:
+            interrupt()
+
+
+def _lost(key: str, node: str, engine: _Engine, why: str) -> Outcome:
+    return Outcome(key=key, node_id=node, ok=False, engine=engine.label, host=engine.host,
+                   pid=engine.pid, error_type="EngineLost",
+                   error_message=f"{engine.label} was lost: {why}")
+
+
+def _copy_job(job: Job) -> Job:
+    from dataclasses import replace
+
+    return replace(job)
+
+
+_BLOBS: dict[int, tuple[Any, bytes]] = {}
+
+
+def _function_blob(func: Any) -> bytes:
+    """cloudpickle of a task's function, made once per function object (functions defined in a
+    notebook or a script travel by value; importable ones by reference)."""
+    import cloudpickle
+
+    cached = _BLOBS.get(id(func))
+    if cached is not None and cached[0] is func:
+        return cached[1]
+    blob = cloudpickle.dumps(func)
+    _BLOBS[id(func)] = (func, blob)
+    return blob
+
+
+def engine_pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
