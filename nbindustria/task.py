@@ -228,12 +228,18 @@ _UNSET = _Unset()
 
 
 def short_repr(value: Any, limit: int = 40) -> str:
+    """A short form of an argument for labels: handles by their label, containers of handles
+    by their first items."""
     if isinstance(value, Handle):
         return value.label
-    if isinstance(value, (list, tuple)) and value and any(isinstance(v, Handle) for v in value):
-        inner = ", ".join(short_repr(v, limit) for v in value[:3])
-        more = ", ..." if len(value) > 3 else ""
-        return f"[{inner}{more}]" if isinstance(value, list) else f"({inner}{more})"
+    if isinstance(value, (list, tuple, dict)) and value and _holds_handles(value):
+        items = list(value.items()) if isinstance(value, dict) else list(value)
+        shown = [f"{k!r}: {short_repr(v, limit)}" if isinstance(value, dict) else
+                 short_repr(v, limit) for v in items[:3] for k, v in ([v] if isinstance(
+                     value, dict) else [(None, v)])]
+        inner = ", ".join(shown) + (", ..." if len(items) > 3 else "")
+        open_, close = {list: "[]", tuple: "()", dict: "{}"}[type(value)]
+        return f"{open_}{inner}{close}"
     shape = getattr(value, "shape", None)
     if shape is not None and hasattr(value, "dtype"):
         return f"<{type(value).__name__} {tuple(shape)}>"
@@ -242,6 +248,12 @@ def short_repr(value: Any, limit: int = 40) -> str:
     except Exception:  # a broken __repr__ must not break a label
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _holds_handles(value: Any) -> bool:
+    items = value.values() if isinstance(value, dict) else value
+    return any(isinstance(v, Handle) or (isinstance(v, (list, tuple, dict)) and
+                                         _holds_handles(v)) for v in items)
 
 
 def call_label(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
