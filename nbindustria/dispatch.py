@@ -45,7 +45,8 @@ BATCH_MAX = 64  # jobs per message at most
 BATCH_TARGET_SECONDS = 0.05  # a batch holds about this much expected work
 SHORT_INFLIGHT = 2  # messages of short tasks in flight per engine (hides the round trip)
 MAX_ENGINE_DEATHS = 3
-POLL_INTERVAL = 0.5  # seconds between looks for engines that joined or left
+POLL_INTERVAL = 0.5
+MAX_REPLACEMENTS = 16  # engines started to replace dead ones, per executor  # seconds between looks for engines that joined or left
 
 # On the engine: functions already received, by digest (sent once per engine, not per job).
 _ENGINE_FUNCTIONS: dict[str, Any] = {}
@@ -114,7 +115,8 @@ class EngineExecutor:
         self._messages: dict[int, Any] = {}  # msg id -> AsyncResult
         self._last_poll = 0.0
         self._local_host = socket.gethostname()
-        self.deaths: dict[str, list[str]] = {}
+        self.replacements = 0
+        self.replacement_errors: list[str] = []
         self._refresh()
         if not self._engines:
             raise EngineError(f"no engines are registered with {engines.description}")
@@ -150,7 +152,8 @@ class EngineExecutor:
         ids = set(self.engines.ids())
         known = {i for i, e in self._engines.items() if e.alive}
         if ids - known:
-            for info in self.engines.info(refresh=True):
+            # info() measures only engines it has not seen: busy engines are not asked.
+            for info in self.engines.info():
                 if info.id in ids and info.id not in known:
                     self._add(info)
         for gone in known - ids:
@@ -163,8 +166,11 @@ class EngineExecutor:
                          memory=info.memory, label=f"engine {info.id} ({info.host}:{info.pid})",
                          resources=dict(self._custom.get(info.id, {})))
         if self._store_path is not None:
-            reach = self.engines.check_shared_dir(self._store_tmp or self._store_path)
-            engine.reaches_store = bool(reach.get(info.id))
+            # An engine that joins mid-run is not probed (the others are busy and answer one
+            # request at a time): it reaches the store if it shares a host with one that does;
+            # else its results travel back by value, which is always safe.
+            engine.reaches_store = any(e.reaches_store and e.host == info.host
+                                       for e in self._engines.values())
         self._engines[info.id] = engine
         self._hosts.setdefault(info.host, _Host(cores=info.cores, memory=info.memory,
                                                 gpus=self._gpus.get(info.host, 0.0)))
@@ -342,14 +348,31 @@ class EngineExecutor:
                 self._messages.pop(msg, None)
                 if engine.messages == 0:
                     engine.short = False
-            if outcome.error_type == "EngineLost":
+            if outcome.error_type == "EngineLost" and engine.alive:
                 engine.alive = False
                 engine.functions.clear()
+                self._replace(engine)
             if outcome.has_value and isinstance(outcome.value, bytes):
                 import cloudpickle
 
                 outcome.value = cloudpickle.loads(outcome.value)
             return
+
+    def _replace(self, engine: _Engine) -> None:
+        """An owned cluster keeps its size: start a new engine for a dead one (in the
+        background; ``poll`` takes it in when it registers)."""
+        if not self.engines.owned or self.replacements >= MAX_REPLACEMENTS:
+            return
+        self.replacements += 1
+        import threading
+
+        def start() -> None:
+            try:
+                self.engines.add_engines(1)
+            except Exception as exc:  # noqa: BLE001 - reported, the run goes on with fewer
+                self.replacement_errors.append(f"{type(exc).__name__}: {exc}")
+
+        threading.Thread(target=start, name="nbindustria-replace-engine", daemon=True).start()
 
     def cancel_all(self) -> None:
         """Interrupt: drop queued batches, abort what ipyparallel can abort."""
@@ -381,14 +404,28 @@ _BLOBS: dict[int, tuple[Any, bytes]] = {}
 
 
 def _function_blob(func: Any) -> bytes:
-    """cloudpickle of a task's function, made once per function object (functions defined in a
-    notebook or a script travel by value; importable ones by reference)."""
+    """cloudpickle of a task's function, made once per function object and run. Functions of
+    user code (a notebook, a script, modules beside them: anything not installed) travel by
+    value, since engines may not be able to import them; installed ones by reference."""
+    import sys
+
     import cloudpickle
+
+    from .hashing import library_version
 
     cached = _BLOBS.get(id(func))
     if cached is not None and cached[0] is func:
         return cached[1]
-    blob = cloudpickle.dumps(func)
+    module = sys.modules.get(getattr(func, "__module__", "") or "")
+    by_value = (module is not None and module.__name__ not in ("__main__", "__mp_main__")
+                and library_version(module.__name__) is None)
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        blob = cloudpickle.dumps(func)
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
     _BLOBS[id(func)] = (func, blob)
     return blob
 

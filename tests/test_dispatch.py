@@ -1,0 +1,209 @@
+"""The scheduler on real ipyparallel engines: placement, engine loss, joins, resources, data flow.
+
+Every test here starts or uses real local engines (marked ``engines``). Task functions live in
+this module; they travel to the engines by value (dispatch pickles user code by value).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from nbindustria import Pipeline, PipelineError
+from nbindustria import cluster as cluster_mod
+from nbindustria.dispatch import EngineExecutor
+
+pytestmark = [pytest.mark.engines, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    eng = cluster_mod.start_local(2)
+    yield eng
+    eng.stop()
+
+
+def _pipe(tmp_path: Path, engines, **kw) -> Pipeline:
+    pipe = Pipeline(name="t", cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys",
+                    verbose=0, **kw)
+    pipe._executor = EngineExecutor(engines)
+    return pipe
+
+
+def record_pid(i: int, delay: float = 0.3) -> tuple[int, int, float, float]:
+    start = time.time()
+    time.sleep(delay)
+    return i, os.getpid(), start, time.time()
+
+
+def test_tasks_spread_over_engines(tmp_path, engines):
+    pipe = _pipe(tmp_path, engines)
+    task = pipe.task(record_pid)
+    handles = [task(i) for i in range(6)]
+    summary = pipe.run()
+    assert summary.ran == 6
+    pids = {h.result()[1] for h in handles}
+    engine_pids = {info.pid for info in engines.info()}
+    assert len(pids) == 2 and pids <= engine_pids
+    assert os.getpid() not in pids
+    # A second run is all cache hits, resolved in the kernel: no engine is asked.
+    again = _pipe(tmp_path, engines)
+    task2 = again.task(record_pid)
+    for i in range(6):
+        task2(i)
+    assert again.run().cached == 6
+
+
+def write_pid_then_sleep(marker: str, seconds: float) -> int:
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def small(i: int) -> int:
+    return i * i
+
+
+def test_sigkill_mid_task_is_resubmitted(tmp_path, engines):
+    pipe = _pipe(tmp_path, engines)
+    slow = pipe.task(write_pid_then_sleep)
+    sq = pipe.task(small)
+    marker = tmp_path / "pid"
+    victim = slow(str(marker), 2.0)
+    others = [sq(i) for i in range(5)]
+
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if marker.exists() and marker.read_text():
+                killed.append(int(marker.read_text()))
+                os.kill(killed[0], signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    summary = pipe.run()
+    thread.join()
+    assert summary.failed == 0
+    assert [h.result() for h in others] == [i * i for i in range(5)]
+    # The task ran again elsewhere (on a surviving or replacement engine).
+    assert killed and victim.result() != killed[0]
+    assert victim.reason.startswith("resubmitted") or "lost" in victim.reason
+    assert pipe.store.verify_all(quarantine=False) == {}
+    # The cluster was topped up again to its size.
+    engines.wait_for(2, 60)
+
+
+def kill_my_engine() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_task_that_kills_every_engine_fails_alone(tmp_path):
+    engines = cluster_mod.start_local(2)
+    request = None
+    try:
+        _kills_every_engine(tmp_path, engines)
+    finally:
+        engines.stop()
+    del request
+
+
+def _kills_every_engine(tmp_path, engines):
+    pipe = _pipe(tmp_path, engines)
+    bad = pipe.task(kill_my_engine)
+    sq = pipe.task(small)
+    after = pipe.task(small)
+    doomed = bad()
+    fine = [sq(i) for i in range(4)]
+    with pytest.raises(PipelineError) as info:
+        pipe.run()
+    failure = info.value.failures[0]
+    assert failure.label == "kill_my_engine()"
+    assert "3 engines died" in failure.message
+    assert [h.result() for h in fine] == [0, 1, 4, 9]
+    assert doomed.state == "failed"
+    assert "SIGKILL" in failure.message or "died" in failure.message
+    del after
+
+
+def test_engine_added_mid_run_gets_work(tmp_path):
+    eng = cluster_mod.start_local(1)
+    try:
+        pipe = _pipe(tmp_path, eng)
+        task = pipe.task(record_pid)
+        handles = [task(i, 0.5) for i in range(30)]
+        added: list[int] = []
+        errors: list[BaseException] = []
+
+        def add() -> None:
+            try:
+                added.extend(eng.add_engines(1))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threading.Thread(target=add).start()
+        pipe.run()
+        assert not errors, errors
+        assert added, "the extra engine never registered"
+        pids = {h.result()[1] for h in handles}
+        assert len(pids) == 2, f"the engine that joined got no work: {pids}"
+    finally:
+        eng.stop()
+
+
+def busy_interval(i: int) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(0.4)
+    return start, time.time()
+
+
+def test_cpu_resources_are_respected(tmp_path, engines):
+    cores = min(info.cores for info in engines.info())
+    pipe = _pipe(tmp_path, engines)
+    heavy = pipe.task(busy_interval, cpus=cores)
+    handles = [heavy(i) for i in range(3)]
+    pipe.run()
+    intervals = sorted(h.result() for h in handles)
+    for (_s1, e1), (s2, _e2) in zip(intervals, intervals[1:], strict=False):
+        assert s2 >= e1 - 0.01, f"two cpus={cores} tasks overlapped: {intervals}"
+
+
+def test_task_that_fits_no_engine_is_an_error_before_running(tmp_path, engines):
+    from nbindustria import NbindustriaError
+
+    pipe = _pipe(tmp_path, engines)
+    huge = pipe.task(small, cpus=10_000)
+    huge(1)
+    with pytest.raises(NbindustriaError, match="no engine has that"):
+        pipe.run()
+    assert pipe.store.index.query() == []
+
+
+def make_array(i: int, megabytes: int) -> np.ndarray:
+    return np.full(megabytes * 131072, float(i))
+
+
+def reduce_array(a: np.ndarray) -> float:
+    return float(a[0] + a[-1])
+
+
+def test_results_between_tasks_do_not_pass_through_the_kernel(tmp_path, engines):
+    pipe = _pipe(tmp_path, engines)
+    make = pipe.task(make_array)
+    red = pipe.task(reduce_array)
+    outs = [red(make(i, 100)) for i in range(6)]  # 600 MB flows between tasks
+    before = psutil.Process().memory_info().rss
+    pipe.run()
+    growth = psutil.Process().memory_info().rss - before
+    assert [h.result() for h in outs] == [2.0 * i for i in range(6)]
+    assert growth < 50 * 2**20, f"kernel RSS grew by {growth / 2**20:.0f} MiB"
