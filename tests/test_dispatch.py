@@ -207,3 +207,44 @@ def test_results_between_tasks_do_not_pass_through_the_kernel(tmp_path, engines)
     growth = psutil.Process().memory_info().rss - before
     assert [h.result() for h in outs] == [2.0 * i for i in range(6)]
     assert growth < 50 * 2**20, f"kernel RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def mpi_rank(i: int) -> tuple[int, int | None]:
+    import sys
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        from mpi4py import MPI as mpi
+    return i, mpi.COMM_WORLD.Get_rank()
+
+
+@pytest.mark.mpi
+def test_pipeline_runs_on_mpi_engines_started_by_ipcluster(tmp_path, monkeypatch):
+    """Engines started by `ipcluster start --engines=MPI`, reached by profile name, as a user
+    with a cluster would: the pipeline runs on both ranks."""
+    import subprocess
+    import sys
+
+    for var in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+                "OMPI_MCA_rmaps_base_oversubscribe"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    ipcluster = [sys.executable, "-m", "ipyparallel.cluster"]
+    subprocess.run([sys.executable, "-m", "IPython", "profile", "create", "nbi-mpi",
+                    "--parallel"], check=True, capture_output=True)
+    log = open(tmp_path / "ipcluster.log", "w")  # noqa: SIM115 - closed below
+    subprocess.run([*ipcluster, "start", "--engines=MPI", "-n", "2", "--profile=nbi-mpi",
+                    "--daemonize"], check=True, stdout=log, stderr=log)
+    try:
+        pipe = Pipeline(name="mpi", cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys",
+                        engines="nbi-mpi", verbose=0)
+        rank = pipe.task(mpi_rank)
+        handles = [rank(i) for i in range(8)]
+        pipe.run()
+        ranks = {h.result()[1] for h in handles}
+        assert ranks == {0, 1}
+        assert "MPI" in pipe.executor.description or "nbi-mpi" in pipe.executor.description
+    finally:
+        subprocess.run([*ipcluster, "stop", "--profile=nbi-mpi"], stdout=log, stderr=log,
+                       timeout=60)
+        log.close()
