@@ -182,7 +182,7 @@ class EngineExecutor:
         for engine in self._engines.values():
             engine.functions.clear()
         self._store_path = str(store.path)
-        self._store_tmp = str(store.tmp_dir)
+        self._store_tmp = str(store.entries_dir)
         reach = self.engines.check_shared_dir(self._store_tmp)
         for engine in self._engines.values():
             engine.reaches_store = bool(reach.get(engine.id))

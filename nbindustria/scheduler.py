@@ -115,7 +115,7 @@ class LocalExecutor:
 
     def store_dir_for_jobs(self, store: Store) -> str | None:
         self._store = store
-        return str(store.tmp_dir)
+        return str(store.entries_dir)
 
     def _load(self, item: Input) -> Any:
         assert self._store is not None
@@ -460,7 +460,7 @@ class Run:
     def _input(self, dep: Handle[Any]) -> Input:
         assert dep.key is not None
         header_digest, _header, _off = self.store.verified_header(dep.key)
-        return Input(dep.key, str(self.store.entry_path(dep.key)), header_digest, dep.label)
+        return Input(dep.key, self.store.entry_file(dep.key), header_digest, dep.label)
 
     def _job_for(self, handle: Handle[Any]) -> Job:
         inputs: dict[int, Input] = {}
@@ -492,7 +492,7 @@ class Run:
         meta = {
             "node": handle.node_id, "task": handle.task.name, "label": handle.label,
             "code_digest": code_digest, "env": self.env,
-            "args": {name: _param_summary(handle, name) for name, _, _ in encoding.params},
+            "args": _param_summaries(handle),
             "arg_digests": arg_digests(encoding),
             "upstream": {dep.label: dep.digest for dep in encoding.handles},
             "pipeline": self.pipeline_name,
@@ -518,7 +518,7 @@ class Run:
             if staged is None:  # the engine could not reach the store: the kernel stages
                 from .store import stage_value
 
-                staged = stage_value(self.store.tmp_dir, handle.key, outcome.value,
+                staged = stage_value(self.store.entries_dir, handle.key, outcome.value,
                                      outcome.extra.get("meta", {}), label=handle.label)
                 outcome.value = None
             if not self._staged:
@@ -651,7 +651,7 @@ class Run:
             self._emit(DONE, handle, engine=outcome.engine, started=outcome.started,
                        ended=outcome.ended, duration=outcome.duration, cpu=outcome.cpu,
                        peak_memory=outcome.peak_memory, size=staged.size, reason=handle.reason,
-                       info={"path": str(self.store.entry_path(staged.key))})
+                       info={"path": self.store.entry_file(staged.key)})
             ready.extend(self._unblock(handle))
         self._resolve(ready)
 
@@ -721,16 +721,16 @@ def _replace_handles(value: Any, replace: Callable[[Any], Any]) -> Any:
     return type(value)(items)
 
 
-def _param_summary(handle: Handle[Any], name: str) -> str:
+def _param_summaries(handle: Handle[Any]) -> dict[str, str]:
+    """Short descriptions of each argument, stored with the result (for why and the CLI)."""
     from .keys import bind
 
     try:
-        value = bind(handle.task, handle.args, handle.kwargs).get(name)
+        bound = bind(handle.task, handle.args, handle.kwargs)
     except TypeError:
-        return "?"
-    if isinstance(value, Handle):
-        return value.label
-    return summarize(value)
+        return {}
+    return {name: value.label if isinstance(value, Handle) else summarize(value)
+            for name, value in bound.items()}
 
 
 def _save_profile(profile_dir: str, handle: Handle[Any], stats: bytes) -> None:

@@ -166,9 +166,14 @@ def serialize(value: Any, label: str) -> tuple[str, dict[str, Any], list[Any]]:
     return "pickle", {"sha256": hashlib.sha256(data).hexdigest()}, [data]
 
 
-def stage_value(tmp_dir: str | os.PathLike[str], key: str, value: Any, meta: dict[str, Any],
+def stage_value(entries_dir: str | os.PathLike[str], key: str, value: Any, meta: dict[str, Any],
                 *, label: str = "task", fsync: bool = False) -> Staged:
-    """Write ``value`` to a new file in ``tmp_dir``, unsigned. Raises UnpicklableResultError."""
+    """Write ``value`` to a new hidden file beside its entry's final place, unsigned.
+
+    Staging in the entry's own shard directory keeps the final rename inside one directory and
+    spreads file-system churn over the shards (a single staging directory that sees thousands of
+    files renamed out of it becomes slow to create files in). Raises UnpicklableResultError.
+    """
     kind, fields, chunks = serialize(value, label)
     hasher = xxhash.xxh3_128()
     size = 0
@@ -180,8 +185,13 @@ def stage_value(tmp_dir: str | os.PathLike[str], key: str, value: Any, meta: dic
     header_bytes = _canonical(header)
     prefix = MAGIC + _EMPTY_SIG + _pack_u32(len(header_bytes)) + header_bytes
     prefix += b"\0" * (_align(len(prefix)) - len(prefix))
-    path = os.path.join(os.fspath(tmp_dir), f"{key}.{uuid.uuid4().hex}.part")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    shard = os.path.join(os.fspath(entries_dir), key[:2])
+    path = os.path.join(shard, f".{key}.{uuid.uuid4().hex}.part")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        os.makedirs(shard, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb", buffering=0) as out:
             out.write(prefix)
@@ -505,6 +515,7 @@ class Store:
         self.entries_dir = self.path / "entries"
         self.tmp_dir = self.path / "tmp"
         self.quarantine_dir = self.path / "quarantine"
+        self._entries_prefix = f"{self.entries_dir}{os.sep}"
         self._crash_at = os.environ.get("NBINDUSTRIA_TEST_CRASH_AT", "")
         _make_private_dir(self.path)
         for sub in (self.entries_dir, self.tmp_dir, self.quarantine_dir):
@@ -573,10 +584,13 @@ class Store:
     def _clean_tmp(self, older_than: float = 24 * 3600) -> None:
         """Remove staged files left by crashed writers (old enough that nobody writes them)."""
         now = time.time()
-        for entry in os.scandir(self.tmp_dir):
-            with contextlib.suppress(OSError):
-                if now - entry.stat().st_mtime > older_than:
-                    os.unlink(entry.path)
+        for directory in (self.tmp_dir, *self.entries_dir.glob("??")):
+            for entry in os.scandir(directory):
+                if not entry.name.endswith(".part"):
+                    continue
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime > older_than:
+                        os.unlink(entry.path)
 
     def close(self) -> None:
         self.index.close()
@@ -585,6 +599,10 @@ class Store:
 
     def entry_path(self, key: str) -> Path:
         return self.entries_dir / key[:2] / f"{key}.nbi"
+
+    def entry_file(self, key: str) -> str:
+        """``entry_path`` as a string, built without pathlib (hot path: cache lookups)."""
+        return f"{self._entries_prefix}{key[:2]}/{key}.nbi"
 
     def _sign(self, header_bytes: bytes) -> bytes:
         return hmac.new(self._key, MAGIC + header_bytes, hashlib.sha256).digest()
@@ -614,14 +632,15 @@ class Store:
             signed.append((item, header_digest(header_bytes)))
             self._crash("after-sign-one")
         self._crash("after-sign")
-        _syncfs(str(self.tmp_dir))
+        _syncfs(str(self.entries_dir))
         self._crash("after-sync-data")
         shards = set()
         for n, (item, _) in enumerate(signed):
-            final = self.entry_path(item.key)
-            if final.parent not in shards:
-                final.parent.mkdir(mode=0o700, exist_ok=True)
-                shards.add(final.parent)
+            final = self.entry_file(item.key)
+            shard = os.path.dirname(final)
+            if shard not in shards:
+                os.makedirs(shard, mode=0o700, exist_ok=True)
+                shards.add(shard)
             os.replace(item.path, final)
             if n == 0:
                 self._crash("after-first-rename")
@@ -639,7 +658,7 @@ class Store:
     def put(self, key: str, value: Any, meta: dict[str, Any] | None = None,
             row: IndexRow | None = None) -> Staged:
         """Stage and commit one value (convenience for tests and the CLI)."""
-        staged = stage_value(self.tmp_dir, key, value, meta or {})
+        staged = stage_value(self.entries_dir, key, value, meta or {})
         self.commit([staged], [row] if row else None)
         return staged
 
@@ -648,7 +667,7 @@ class Store:
     def verified_header(self, key: str) -> tuple[str, dict[str, Any], int]:
         """(header digest, header, payload offset) after checking the signature; raises
         BadEntry (or FileNotFoundError when there is no entry)."""
-        path = self.entry_path(key)
+        path = self.entry_file(key)
         sig, header_bytes, header, offset = read_header(path)
         if not hmac.compare_digest(sig, self._sign(header_bytes)):
             raise BadEntry("signature does not verify (not made with this cache's key, or "
@@ -661,7 +680,7 @@ class Store:
     def load(self, key: str, *, mmap_arrays: bool | None = None) -> Any:
         """The value of an entry, checked; raises BadEntry or FileNotFoundError."""
         _hd, header, offset = self.verified_header(key)
-        return load_payload(self.entry_path(key), header, offset, mmap_arrays=mmap_arrays)
+        return load_payload(self.entry_file(key), header, offset, mmap_arrays=mmap_arrays)
 
     def try_load(self, key: str, label: str = "", *,
                  mmap_arrays: bool | None = None) -> tuple[bool, Any]:
@@ -701,7 +720,7 @@ class Store:
         for key in keys:
             row = rows.get(key)
             try:
-                st_size = os.stat(self.entry_path(key)).st_size
+                st_size = os.stat(self.entry_file(key)).st_size
             except FileNotFoundError:
                 if row is not None:
                     missing_rows.append(key)
