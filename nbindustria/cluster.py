@@ -178,13 +178,14 @@ class _LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float) -> _T:
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float, what: str) -> _T:
+        """Run ``coro`` on the loop; TimeoutError naming ``what`` if it takes over ``timeout`` s."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(max(timeout, 0.0))
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise TimeoutError(f"did not finish within {timeout:.0f} s") from None
+            raise TimeoutError(f"{what} did not finish in time") from None
 
     def stop(self) -> None:
         if self.loop.is_closed():
@@ -226,7 +227,6 @@ class Engines:
         how_to_start: str,
         cluster: ipyparallel.Cluster | None = None,
         loop: _LoopThread | None = None,
-        mpi: bool = False,
     ):
         self.client = client
         self.owned = owned
@@ -235,7 +235,6 @@ class Engines:
         self._how_to_start = how_to_start
         self._cluster = cluster
         self._loop = loop
-        self._mpi = mpi
         self._facts: dict[int, dict[str, Any]] = {}
         self._reach: dict[int, bool] = {}
         self._lock = threading.Lock()
@@ -283,7 +282,7 @@ class Engines:
         except Exception as exc:
             have = self.client.ids
             reason = (
-                f"only {len(have)} of {n} engine(s) registered within {timeout:g} s (ids {have})"
+                f"only {len(have)} of {n} engine(s) registered within {timeout:.1f} s (ids {have})"
                 if isinstance(exc, TimeoutError)
                 else f"engines stopped while waiting for {n} of them: {exc}"
             )
@@ -308,7 +307,14 @@ class Engines:
             todo = [i for i in ids if refresh or i not in self._facts]
         if todo:
             results = self._on_each(todo, _engine_facts)
-            failed = {i: r for i, r in results.items() if isinstance(r, BaseException)}
+            still = set(self.client.ids)
+            # An engine that died meanwhile is simply no longer listed; one that is there and did
+            # not answer is an error.
+            failed = {
+                i: r for i, r in results.items() if isinstance(r, BaseException) and i in still
+            }
+            results = {i: r for i, r in results.items() if isinstance(r, dict)}
+            ids = [i for i in ids if i in still]
             if failed:
                 detail = "; ".join(f"engine {i}: {r}" for i, r in failed.items())
                 raise EngineError(
@@ -396,7 +402,9 @@ class Engines:
         deadline = time.monotonic() + timeout
         try:
             self._loop.run(
-                self._cluster.start_engines(n, environment=_engine_environment()), timeout
+                self._cluster.start_engines(n, environment=_engine_environment()),
+                timeout,
+                "starting the engines",
             )
         except Exception as exc:
             raise EngineError(
@@ -404,6 +412,31 @@ class Engines:
             ) from exc
         self.wait_for(want, deadline - time.monotonic())
         return sorted(set(self.client.ids) - before)
+
+    def interrupt_busy(self, ids: list[int] | None = None, timeout: float = 5.0) -> None:
+        """Interrupt the task running on engines, as Ctrl-C would: the engines live on.
+
+        Sends SIGINT (through each engine's nanny): a running task raises ``KeyboardInterrupt``
+        (its AsyncResult fails with ``RemoteError``, ``ename == "KeyboardInterrupt"``) within
+        ~0.2 s, and an idle engine ignores it. Tasks still queued behind it then run: abort those
+        first with ``client.abort(async_results)``.
+
+        Parameters
+        ----------
+        ids : list of int, optional
+            The engines to interrupt; default: every registered engine (also those busy with
+            another client's work, on a cluster shared with others).
+        timeout : float
+            Seconds to wait for the engines to acknowledge; engines that do not are skipped.
+        """
+        targets = [i for i in (self.ids() if ids is None else ids) if i in self.client.ids]
+        if not targets:
+            return
+        import signal
+
+        reply = self.client.send_signal(signal.SIGINT, targets=targets, block=False)
+        with contextlib.suppress(Exception):  # best effort: a dead engine does not answer
+            reply.get(timeout)
 
     def stop(self) -> None:
         """Stop the engines if we started them, else just close the client. Idempotent.
@@ -420,21 +453,8 @@ class Engines:
         if not self.owned or self._cluster is None or self._loop is None:
             self.client.close()
             return
-        import psutil
-
-        cluster, loop = self._cluster, self._loop
-        processes = _cluster_processes(cluster)
-        # Engines stopped on purpose exit with SIGTERM's status, and ipyparallel then logs their
-        # whole output as a warning: noise, not news, so silence this cluster's log while stopping.
-        cluster.log.setLevel(logging.CRITICAL)
         self.client.close(linger=0)
-        try:
-            loop.run(_stop_in_order(cluster), STOP_TIMEOUT)
-            loop.run(asyncio.sleep(0.05), 5)  # let the launchers' exit callbacks run
-        except Exception as exc:  # stopping must not fail: leftovers are killed below
-            _log.warning("stopping %s: %s; killing what is left", self.description, exc)
-        _kill_leftovers(processes)
-        loop.stop()
+        _stop_cluster(self._cluster, self._loop)
 
     # -- helpers --
 
@@ -650,8 +670,9 @@ def start_local(
     n : int or "auto"
         Number of engines; ``"auto"`` starts one per core (``os.cpu_count()``).
     mpi : bool
-        Start the engines with one ``mpiexec -n n`` (they share an MPI world, ranks 0..n-1). Open
-        MPI's ``--allow-run-as-root`` (as root) and ``--oversubscribe`` are passed for you.
+        Start the engines with one ``mpiexec -n n`` (they share an MPI world, ranks 0..n-1). For
+        Open MPI, ``--allow-run-as-root`` (as root), ``--oversubscribe`` and ``--bind-to none``
+        are passed for you.
     timeout : float
         Seconds for the controller to start and all ``n`` engines to register.
     log_level : int
@@ -681,7 +702,8 @@ def start_local(
     log.setLevel(log_level)
     what = _plural(count, "MPI engine" if mpi else "local engine")
     how = (
-        "Check that `mpiexec -n 2 python -c 'import mpi4py.MPI'` works here."
+        "Check that `mpiexec -n 2 python3 -c 'import mpi4py.MPI'` works here (as root, Open MPI "
+        "also needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 for that)."
         if mpi
         else "Check that `ipcluster start -n 2` works here."
     )
@@ -701,12 +723,15 @@ def start_local(
     deadline = time.monotonic() + timeout
     engines: Engines | None = None
     try:
-        loop.run(cluster.start_controller(), timeout)
+        loop.run(cluster.start_controller(), timeout, "starting the controller")
         loop.run(
             cluster.start_engines(count, environment=_engine_environment()),
             deadline - time.monotonic(),
+            "starting the engines",
         )
-        client = loop.run(cluster.connect_client(), deadline - time.monotonic())
+        client = loop.run(
+            cluster.connect_client(), deadline - time.monotonic(), "connecting to the controller"
+        )
         engines = Engines(
             client,
             owned=True,
@@ -714,7 +739,6 @@ def start_local(
             how_to_start=how,
             cluster=cluster,
             loop=loop,
-            mpi=mpi,
         )
         _register_owned(engines)
         engines.wait_for(count, deadline - time.monotonic())
@@ -723,13 +747,16 @@ def start_local(
         if engines is not None:
             engines.stop()
         else:
-            _stop_unconnected(cluster, loop)
+            _stop_cluster(cluster, loop)
         if not isinstance(exc, Exception):  # KeyboardInterrupt: stopped, now let it through
             raise
+        failed = f"could not start {what} (stopped what had started)"
         if isinstance(exc, EngineError):  # from wait_for: already says how, with the logs
-            raise EngineError(f"could not start {what} (stopped what had started): {exc}") from exc
+            raise EngineError(f"{failed}: {exc}") from exc
+        if isinstance(exc, TimeoutError):
+            how = f"Pass a larger timeout (it was {timeout:g} s), or: {how[0].lower()}{how[1:]}"
         raise EngineError(
-            f"could not start {what} (stopped what had started): {exc}. {how}"
+            f"{failed}: {exc}. {how}"
             + (f"\nLast lines of the cluster's logs:\n{tail}" if tail else "")
         ) from exc
     return engines
@@ -746,14 +773,18 @@ async def _stop_in_order(cluster: ipyparallel.Cluster) -> None:
     await cluster.stop_controller()
 
 
-def _stop_unconnected(cluster: ipyparallel.Cluster, loop: _LoopThread) -> None:
-    """Stop a cluster whose client never connected (start failed half-way)."""
-    import psutil
-
+def _stop_cluster(cluster: ipyparallel.Cluster, loop: _LoopThread) -> None:
+    """Stop every process of an owned cluster (killing what does not stop), then its loop."""
     processes = _cluster_processes(cluster)
+    # Engines stopped on purpose exit with SIGTERM's status, and ipyparallel then logs their
+    # whole output as a warning: noise, not news, so silence this cluster's log while stopping.
     cluster.log.setLevel(logging.CRITICAL)
-    with contextlib.suppress(Exception):
-        loop.run(_stop_in_order(cluster), STOP_TIMEOUT)
+    try:
+        loop.run(_stop_in_order(cluster), STOP_TIMEOUT, "stopping the cluster")
+        # Let the launchers' exit callbacks run before the loop goes.
+        loop.run(asyncio.sleep(0.05), 5, "exit callbacks")
+    except Exception as exc:  # stopping must not fail: leftovers are killed below
+        _log.warning("stopping cluster %s: %s; killing what is left", cluster.cluster_id, exc)
     _kill_leftovers(processes)
     loop.stop()
 
@@ -850,11 +881,20 @@ def connect(
         raise EngineError(
             f"the controller of profile {name!r} does not answer ({exc}): its connection file "
             f"may be left over from a controller that died. Restart it: "
-            f"`ipcluster stop --profile {name}` then `{start_cmd}`"
+            f"`ipcluster stop --profile {name}{with_id}` then `{start_cmd}`"
         ) from exc
 
     where = f"profile {name}" + (f", cluster {cluster_id}" if cluster_id else "")
-    engines = Engines(client, owned=False, description=f"engines ({where})", how_to_start=how)
+    # The controller answers, so what is missing now are engines: say how to add them to it.
+    add = f"ipcluster engines -n 4 --profile {name}{with_id} --daemonize"
+    engines = Engines(
+        client,
+        owned=False,
+        description=f"engines ({where})",
+        how_to_start=f"A controller is running for {where}: start engines for it with `{add}` "
+        f"(MPI engines: add --engines=MPI), or restart the cluster with "
+        f"`ipcluster stop --profile {name}{with_id}` then `{start_cmd}`.",
+    )
     try:
         engines.wait_for(min_engines, deadline - time.monotonic())
     except BaseException:
@@ -867,7 +907,6 @@ def connect(
     with engines._lock:
         engines._facts.update({i: r for i, r in answers.items() if isinstance(r, dict)})
     mpi = any(isinstance(r, dict) and r["mpi_rank"] is not None for r in answers.values())
-    engines._mpi = mpi
     engines.description = f"{_plural(len(ids), 'MPI engine' if mpi else 'engine')} ({where})"
     return engines
 
@@ -890,7 +929,8 @@ def _claim(
     with _SHARED_LOCK:
         if _pending is not None:
             return _pending, None, False
-        if _shared is not None and _shared_key == key and not _shared.stopped:
+        # A shared cluster whose engines all died is replaced, not handed out.
+        if _shared is not None and _shared_key == key and _shared.ids():
             done: concurrent.futures.Future[Engines] = concurrent.futures.Future()
             done.set_result(_shared)
             return done, None, False
