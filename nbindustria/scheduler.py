@@ -57,6 +57,7 @@ from .hashing import CodeHasher, summarize
 from .keys import (
     CallEncoding,
     ProvenanceLookup,
+    Upstream,
     arg_digests,
     cache_key,
     code_digest_of,
@@ -76,8 +77,11 @@ class Executor(Protocol):
     """Where jobs run. ``submit`` must eventually call ``report(outcome)`` exactly once per job
     (from any thread); the scheduler's loop is the only consumer."""
 
-    description: str
-    n_engines: int
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def n_engines(self) -> int: ...
 
     def check_fits(self, options: TaskOptions, label: str) -> None: ...
 
@@ -244,8 +248,8 @@ class Run:
         self.graph = graph
         for node_id in graph.order:
             handle = graph.nodes[node_id]
-            if handle.state in FINAL:
-                handle.state = "added"  # a new run decides again
+            # A new run decides again (also for calls a dry run or an interrupt left queued).
+            handle.state = "added"
             handle.reason = ""
             handle.error = None
             self.executor.check_fits(handle.task.options, handle.label)
@@ -457,14 +461,14 @@ class Run:
         self.executor.submit(job, handle.task.options, self.outcomes.put,
                              self.expected.get(handle.node_id, 1.0))
 
-    def _input(self, dep: Handle[Any]) -> Input:
+    def _input(self, dep: Upstream) -> Input:
         assert dep.key is not None
         header_digest, _header, _off = self.store.verified_header(dep.key)
         return Input(dep.key, self.store.entry_file(dep.key), header_digest, dep.label)
 
     def _job_for(self, handle: Handle[Any]) -> Job:
         inputs: dict[int, Input] = {}
-        bad: list[tuple[Handle[Any], str]] = []
+        bad: list[tuple[Upstream, str]] = []
         encoding = self._encoding_of(handle)
         for dep in encoding.handles:
             if id(dep) in inputs:
@@ -570,8 +574,10 @@ class Run:
             1 for d in self.graph.deps[handle.node_id]
             if self.graph.nodes[d].state not in ("done", "cached"))
 
-    def _requeue_upstream(self, upstream: Handle[Any]) -> None:
+    def _requeue_upstream(self, upstream: Upstream) -> None:
         self._unreadable.add(upstream.key or "")
+        if not isinstance(upstream, Handle):
+            return  # a value handed out earlier: its call is not part of this run
         if upstream.state in ("done", "cached"):
             if upstream.state == "cached":
                 self.summary.cached -= 1
@@ -700,7 +706,7 @@ class Run:
 
 
 class _RetryInputs(Exception):
-    def __init__(self, bad: list[tuple[Handle[Any], str]]):
+    def __init__(self, bad: list[tuple[Upstream, str]]):
         self.bad = bad
 
 

@@ -233,7 +233,7 @@ def _profiled(job: Job, args: tuple[Any, ...], kwargs: dict[str, Any], out: Outc
         return profiler.runcall(job.func, *args, **kwargs)
     finally:
         profiler.create_stats()
-        out.extra["profile"] = marshal.dumps(profiler.stats)  # type: ignore[attr-defined]
+        out.extra["profile"] = marshal.dumps(getattr(profiler, "stats", {}))
 
 
 class _InputUnusable(Exception):
