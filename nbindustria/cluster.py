@@ -239,6 +239,8 @@ class Engines:
         self._reach: dict[int, bool] = {}
         self._lock = threading.Lock()
         self._stopped = False
+        self._exits: dict[int, Any] = {}  # pid -> exit code of engines that stopped (owned)
+        self._watched: set[int] = set()
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else f"ids={self.ids()}"
@@ -410,6 +412,7 @@ class Engines:
             raise EngineError(
                 f"could not start {n} more engine(s): {exc}{self._log_tail_text()}"
             ) from exc
+        self._watch_exits()
         self.wait_for(want, deadline - time.monotonic())
         return sorted(set(self.client.ids) - before)
 
@@ -437,6 +440,47 @@ class Engines:
         reply = self.client.send_signal(signal.SIGINT, targets=targets, block=False)
         with contextlib.suppress(Exception):  # best effort: a dead engine does not answer
             reply.get(timeout)
+
+    def _watch_exits(self) -> None:
+        """Remember how each engine process of an owned local cluster ends (its exit code or
+        signal), so that a task whose engine died can say how it died."""
+        if self._cluster is None:
+            return
+        for engine_set in list(getattr(self._cluster, "engines", {}).values()):
+            for launcher in list(getattr(engine_set, "launchers", {}).values()):
+                if id(launcher) in self._watched or not hasattr(launcher, "on_stop"):
+                    continue
+                self._watched.add(id(launcher))
+
+                def record(data: Any, launcher: Any = launcher) -> None:
+                    pid = (data or {}).get("pid") or getattr(launcher, "pid", None)
+                    if pid is not None:
+                        self._exits[int(pid)] = (data or {}).get("exit_code")
+
+                launcher.on_stop(record)
+
+    def exit_status(self, pid: int, wait: float = 0.5) -> str | None:
+        """How the engine process ``pid`` ended ("killed by SIGKILL", "exited with code 1"),
+        if this is an owned local cluster and it has ended; waits up to ``wait`` seconds for the
+        news (it comes a moment after the engine's task is reported lost)."""
+        deadline = time.monotonic() + wait
+        while pid not in self._exits and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if pid not in self._exits:
+            return None
+        code = self._exits[pid]
+        try:
+            number = int(code)
+        except (TypeError, ValueError):
+            return f"ended ({code})"
+        if number < 0:
+            import signal
+
+            try:
+                return f"killed by {signal.Signals(-number).name}"
+            except ValueError:
+                return f"killed by signal {-number}"
+        return f"exited with code {number}"
 
     def stop(self) -> None:
         """Stop the engines if we started them, else just close the client. Idempotent.
@@ -741,6 +785,7 @@ def start_local(
             loop=loop,
         )
         _register_owned(engines)
+        engines._watch_exits()
         engines.wait_for(count, deadline - time.monotonic())
     except BaseException as exc:
         tail = _log_tail(cluster)

@@ -358,6 +358,15 @@ class EngineExecutor:
                 outcome.value = cloudpickle.loads(outcome.value)
             return
 
+    def death_note(self, message: str) -> str:
+        """``message`` (an EngineLost message naming an engine) with how that engine died."""
+        for engine in self._engines.values():
+            if engine.label in message:
+                status = getattr(self.engines, "exit_status", None)
+                how = status(engine.pid) if status is not None else None
+                return f"{engine.label} {how}" if how else message
+        return message
+
     def _replace(self, engine: _Engine) -> None:
         """An owned cluster keeps its size: start a new engine for a dead one (in the
         background; ``poll`` takes it in when it registers)."""

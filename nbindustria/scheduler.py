@@ -545,6 +545,9 @@ class Run:
                 heapq.heappush(self._ready, (-self._priorities.get(handle.node_id, 0.0),
                                              self._seq, handle.node_id))
                 return
+            note = getattr(self.executor, "death_note", None)
+            if note is not None:
+                deaths = [note(d) for d in deaths]
             outcome.error_message = (f"{len(deaths)} engines died while running it: "
                                      + "; ".join(deaths))
             outcome.traceback = "EngineLost: " + outcome.error_message + "\n"
