@@ -85,6 +85,7 @@ class _Engine:
     jobs: dict[str, tuple[TaskOptions, int]] = field(default_factory=dict)  # node -> (opts, msg)
     functions: set[str] = field(default_factory=set)
     alive: bool = True
+    done: int = 0  # jobs finished here (any outcome)
 
 
 @dataclass
@@ -342,6 +343,7 @@ class EngineExecutor:
             if entry is None:
                 continue
             options, msg = entry
+            engine.done += 1
             self._release(engine, options)
             if msg not in (e[1] for e in engine.jobs.values()):
                 engine.messages = max(0, engine.messages - 1)
@@ -357,6 +359,16 @@ class EngineExecutor:
 
                 outcome.value = cloudpickle.loads(outcome.value)
             return
+
+    def engine_table(self) -> list[dict[str, Any]]:
+        """One row per engine for people (``%pipeline engines``): id, host, pid, MPI rank,
+        state, tasks done, whether it reaches the store."""
+        ranks = {info.id: info.mpi_rank for info in self.engines.info()} \
+            if self.n_engines else {}
+        return [{"id": e.id, "host": e.host, "pid": e.pid, "mpi_rank": ranks.get(e.id),
+                 "state": ("dead" if not e.alive else "busy" if e.jobs else "idle"),
+                 "tasks_done": e.done, "reaches_store": e.reaches_store}
+                for e in sorted(self._engines.values(), key=lambda e: e.id)]
 
     def death_note(self, message: str) -> str:
         """``message`` (an EngineLost message naming an engine) with how that engine died."""

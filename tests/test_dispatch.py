@@ -248,3 +248,46 @@ def test_pipeline_runs_on_mpi_engines_started_by_ipcluster(tmp_path, monkeypatch
         subprocess.run([*ipcluster, "stop", "--profile=nbi-mpi"], stdout=log, stderr=log,
                        timeout=60)
         log.close()
+
+
+def sleepy(i: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return i
+
+
+def test_interrupt_keeps_finished_work_and_resumes(tmp_path, engines):
+    import _thread
+
+    pipe = _pipe(tmp_path, engines)
+    quick = pipe.task(sleepy)
+    first = [quick(i, 0.05) for i in range(2)]
+    slow = [quick(i, 30.0) for i in range(10, 14)]
+    done_events = []
+
+    def interrupt_after_first_results() -> None:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if sum(1 for e in pipe.events.since(0) if e.kind == "done") >= 2:
+                done_events.append(time.time())
+                _thread.interrupt_main()
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=interrupt_after_first_results, daemon=True).start()
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run()
+    assert time.time() - started < 20, "the interrupt did not stop the slow tasks"
+    assert all(h.state == "done" for h in first)
+    # The engines are alive and free again: the next run finds the quick tasks cached.
+    again = _pipe(tmp_path, engines)
+    quick2 = again.task(sleepy)
+    for i in range(2):
+        quick2(i, 0.05)
+    summary = again.run()
+    assert summary.cached == 2 and summary.ran == 0
+    assert len(engines.ids()) == 2
+    # The running slow tasks were interrupted on the engines, not left to finish.
+    for engine_id in engines.ids():
+        assert engines.client[engine_id].apply_async(os.getpid).get(timeout=5) > 0
+    assert not any(h.state == "done" for h in slow)
