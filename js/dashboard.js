@@ -9,9 +9,9 @@
 // Copied verbatim to nbindustria/static/dashboard.js, which the widget loads.
 
 const SVGNS = "http://www.w3.org/2000/svg";
-const NODE_W = 128; // node box, px (the SVG scales down to fit the output area)
+const NODE_W = 144; // node box, px (the SVG scales down to fit the output area)
 const NODE_H = 24;
-const PITCH_X = 164;
+const PITCH_X = 176;
 const PITCH_Y = 30;
 const PAD = 14;
 const ORDER = ["done", "cached", "failed", "skipped", "running", "queued", "added"];
@@ -87,7 +87,9 @@ const CSS = `
 .nbi-edge.hot { stroke: var(--nbi-accent); stroke-opacity: .95; stroke-width: 1.8; }
 .nbi-node { cursor: pointer; }
 .nbi-node .box { stroke-width: 1.4; }
-.nbi-node .label { fill: var(--nbi-fg); font-size: 11.5px; font-family: var(--jp-code-font-family, ui-monospace, monospace); dominant-baseline: central; }
+.nbi-node .label { fill: var(--nbi-fg); font-size: 11.5px; dominant-baseline: central; }
+.nbi-node .label .args { fill: var(--nbi-fg2); }
+.nbi-node .label .name { font-weight: 600; }
 .nbi-node:hover .box { stroke-width: 2.4; }
 .nbi-node.selected .box { stroke: var(--nbi-accent) !important; stroke-width: 2.6; }
 .nbi-node.dim { opacity: .35; }
@@ -98,24 +100,26 @@ const CSS = `
   border-left: 1px solid var(--nbi-border); box-shadow: -8px 0 18px rgba(0,0,0,.10); overflow-y: auto;
   padding: 12px 14px; transform: translateX(102%); transition: transform .18s ease; }
 .nbi-drawer.open { transform: none; }
+.nbi-graph.has-drawer .nbi-scroll { min-height: 420px; }
 .nbi-drawer h4 { margin: 0 0 8px; display: flex; align-items: flex-start; gap: 8px; font-size: 12.5px; font-weight: 600;
   font-family: var(--jp-code-font-family, ui-monospace, monospace); word-break: break-all; }
 .nbi-drawer h4 .nbi-label { flex: 1 1 auto; }
 .nbi-close { border: none; background: none; color: var(--nbi-fg2); cursor: pointer; font-size: 16px; line-height: 1; padding: 0 2px; }
 .nbi-close:hover { color: var(--nbi-fg); }
 .nbi-state { display: inline-block; padding: 1px 8px; border-radius: 999px; color: #fff; font-size: 11px; font-weight: 600; margin-bottom: 8px; }
-.nbi-rows { display: grid; grid-template-columns: max-content 1fr; gap: 3px 12px; margin: 0 0 10px; }
-.nbi-rows dt { color: var(--nbi-fg2); }
-.nbi-rows dd { margin: 0; font-variant-numeric: tabular-nums; word-break: break-all; }
+.nbi-rows { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: 3px 14px; margin: 0 0 10px; }
+.nbi-rows .nbi-k { color: var(--nbi-fg2); white-space: nowrap; }
+.nbi-rows .nbi-v { font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }
 .nbi-why { margin: 0 0 8px; padding: 7px 9px; border-radius: 5px; background: var(--nbi-bg2); }
-.nbi-error { color: var(--jp-error-color1, #d32f2f); font-weight: 600; margin: 4px 0 6px; word-break: break-word; }
+.nbi-error { color: var(--jp-error-color1, #d32f2f); font-weight: 600; word-break: break-word; }
 .nbi-tb { margin: 0; padding: 8px 10px; border-radius: 5px; background: var(--jp-cell-editor-background, var(--nbi-bg2));
   border: 1px solid var(--nbi-border); font-family: var(--jp-code-font-family, ui-monospace, monospace);
-  font-size: 11px; line-height: 1.4; white-space: pre; overflow-x: auto; max-height: 260px; }
+  font-size: 11px; line-height: 1.4; white-space: pre; overflow-x: auto; max-height: 260px; margin-bottom: 10px; }
 /* plotly charts next to the widget (same VBox): follow the JupyterLab theme */
 .nbi-dashboard .js-plotly-plot .main-svg .xtick text, .nbi-dashboard .js-plotly-plot .main-svg .ytick text,
-.nbi-dashboard .js-plotly-plot .main-svg .g-xtitle text, .nbi-dashboard .js-plotly-plot .main-svg .g-ytitle text,
-.nbi-dashboard .js-plotly-plot .main-svg .annotation-text { fill: var(--jp-ui-font-color2, #57606a) !important; }
+.nbi-dashboard .js-plotly-plot .main-svg .g-xtitle text, .nbi-dashboard .js-plotly-plot .main-svg .g-ytitle text
+  { fill: var(--jp-ui-font-color2, #57606a) !important; }
+.nbi-dashboard .js-plotly-plot .main-svg .annotation-text,
 .nbi-dashboard .js-plotly-plot .main-svg .gtitle, .nbi-dashboard .js-plotly-plot .main-svg .legendtext,
 .nbi-dashboard .js-plotly-plot .main-svg .legendtitletext { fill: var(--jp-ui-font-color1, #1f2328) !important; }
 .nbi-dashboard .js-plotly-plot .main-svg .gridlayer path, .nbi-dashboard .js-plotly-plot .main-svg .zerolinelayer path {
@@ -123,8 +127,9 @@ const CSS = `
 .nbi-dashboard .js-plotly-plot .main-svg .shapelayer path.nbi-limit { stroke: var(--jp-error-color1, #d32f2f) !important; }
 .nbi-dashboard .js-plotly-plot .modebar { background: transparent !important; }
 .nbi-dashboard .js-plotly-plot .modebar-btn path { fill: var(--jp-ui-font-color3, #8c959f) !important; }
-.nbi-dashboard .nbi-chart { border: 1px solid var(--jp-border-color2, #d8dee4); border-radius: 6px; overflow: hidden;
-  background: var(--jp-layout-color1, #fff); }
+.nbi-dashboard .nbi-chart { border: 1px solid var(--jp-border-color2, #d8dee4); border-radius: 8px; overflow: hidden;
+  background: var(--jp-layout-color1, #fff); padding: 6px 8px 2px; }
+.nbi-dashboard .nbi-chart > * { flex: 1 1 auto; min-width: 0; width: 100%; }
 `;
 
 function ensureStyle() {
@@ -191,13 +196,33 @@ function layout(items, maxRows) {
   return { positions, columns: col, rows };
 }
 
-function shortLabel(node) {
-  return node.short || node.label || node.id;
+// Text widths, measured with the page's own font: labels are cut to what fits in a node.
+const measure = { ctx: null, font: "" };
+function textWidth(text, weight, family) {
+  if (!measure.ctx) measure.ctx = document.createElement("canvas").getContext("2d");
+  const font = `${weight} 11.5px ${family}`;
+  if (measure.font !== font) { measure.ctx.font = font; measure.font = font; }
+  return measure.ctx.measureText(text).width;
 }
 
-function fit(text, width, charWidth) {
-  const max = Math.max(3, Math.floor(width / charWidth));
-  return text.length <= max ? text : `${text.slice(0, max - 1)}…`;
+function cut(text, width, weight, family) {
+  if (textWidth(text, weight, family) <= width) return text;
+  let lo = 0;
+  let hi = text.length;
+  while (lo < hi) {
+    const mid = Math.ceil((lo + hi) / 2);
+    if (textWidth(`${text.slice(0, mid)}…`, weight, family) <= width) lo = mid;
+    else hi = mid - 1;
+  }
+  return `${text.slice(0, lo)}…`;
+}
+
+// "<name> <args>", the name bold, both cut to the node's width.
+function nodeLabel(name, args, width, family) {
+  const shownName = cut(name, width, 600, family);
+  const rest = width - textWidth(`${shownName} `, 600, family);
+  const shownArgs = args && shownName === name && rest > 14 ? cut(args, rest, 400, family) : "";
+  return `<tspan class="name">${esc(shownName)}</tspan>${shownArgs ? `<tspan class="args"> ${esc(shownArgs)}</tspan>` : ""}`;
 }
 
 export default {
@@ -228,18 +253,19 @@ export default {
       const top = el("div", "nbi-top");
       top.appendChild(el("span", "nbi-name", h.pipeline));
       const meta = el("span", "nbi-meta");
-      const engines = h.n_engines != null ? `${h.n_engines} engine${h.n_engines === 1 ? "" : "s"}` : h.engines;
+      const engines = h.engines || (h.n_engines != null ? `${h.n_engines} engine${h.n_engines === 1 ? "" : "s"}` : "");
       meta.innerHTML = [
         h.run != null ? `run <b>${esc(h.run)}</b>` : "",
-        engines ? `<b>${esc(engines)}</b>${h.status === "running" ? ` (${esc(h.busy)} busy)` : ""}` : "",
-        h.engines && h.n_engines != null ? esc(h.engines) : "",
+        engines ? esc(engines) : "",
+        h.status === "running" ? `<b>${esc(h.busy)}</b>${h.n_engines != null ? ` of ${esc(h.n_engines)}` : ""} busy` : "",
+        h.dryrun ? "<b>dry run</b>" : "",
       ].filter(Boolean).join(" · ");
       top.appendChild(meta);
       top.appendChild(el("span", "nbi-spacer"));
       const statusText = { waiting: "waiting", running: "running", finished: "finished",
         failed: `finished · ${h.counts.failed} failed` }[h.status] || h.status;
       const statusColor = { waiting: colors.added, running: colors.running, finished: colors.done,
-        failed: colors.failed }[h.status] || colors.added;
+        failed: colors.failed, interrupted: colors.skipped }[h.status] || colors.added;
       const pill = el("span", `nbi-pill ${h.status}`, statusText);
       pill.style.color = statusColor;
       top.appendChild(pill);
@@ -358,6 +384,7 @@ export default {
       const width = 2 * PAD + (columns - 1) * PITCH_X + NODE_W;
       const height = 2 * PAD + (rows - 1) * PITCH_Y + NODE_H + 6;
       const colors = graph.state_colors;
+      const family = getComputedStyle(root).fontFamily || "sans-serif";
       const hot = new Set();
       if (ui.selected) for (const [s, t] of edges) if (s === ui.selected || t === ui.selected) hot.add(`${s}>${t}`);
       const parts = [];
@@ -386,7 +413,7 @@ export default {
         const sel = item.id === ui.selected ? " selected" : "";
         const title = item.group ? `${item.label}: ${ORDER.filter((s) => item.counts[s]).map((s) => `${item.counts[s]} ${s}`).join(", ")}` : `${item.label} — ${item.state}`;
         if (item.group) {
-          const label = fit(item.task, NODE_W - 52, 6.9);
+          const label = nodeLabel(item.task, "", NODE_W - 52, family);
           let bar = "";
           let bx = x + 6;
           const bw = NODE_W - 12;
@@ -403,16 +430,16 @@ export default {
             `<rect x="${x + 3}" y="${y - 3}" width="${NODE_W}" height="${NODE_H}" rx="5" fill="var(--nbi-bg)" stroke="${color}" stroke-opacity=".7"/>` +
             `<rect class="box" x="${x}" y="${y}" width="${NODE_W}" height="${NODE_H}" rx="5" fill="var(--nbi-bg)" stroke="${color}"/>` +
             `<rect x="${x}" y="${y}" width="${NODE_W}" height="${NODE_H}" rx="5" fill="${color}" fill-opacity=".16" pointer-events="none"/>` +
-            `<text class="label" x="${x + 8}" y="${y + NODE_H / 2 - 2}">${esc(label)}</text>` +
+            `<text class="label" x="${x + 8}" y="${y + NODE_H / 2 - 2}">${label}</text>` +
             `<text class="count" x="${x + NODE_W - 7}" y="${y + NODE_H / 2 - 2}">×${item.count}</text>${bar}</g>`);
         } else {
-          const label = fit(shortLabel(item), NODE_W - 16, 6.9);
+          const label = nodeLabel(item.task, item.args, NODE_W - 17, family);
           parts.push(`<g class="nbi-node${sel}" data-id="${esc(item.id)}" data-state="${item.state}" data-task="${esc(item.task)}">` +
             `<title>${esc(title)}</title>` +
             `<rect class="box" x="${x}" y="${y}" width="${NODE_W}" height="${NODE_H}" rx="5" fill="var(--nbi-bg)" stroke="${color}"/>` +
             `<rect x="${x}" y="${y}" width="${NODE_W}" height="${NODE_H}" rx="5" fill="${color}" fill-opacity="${item.state === "failed" ? ".30" : ".16"}" pointer-events="none"/>` +
             `<rect x="${x}" y="${y}" width="4" height="${NODE_H}" rx="2" fill="${color}" pointer-events="none"/>` +
-            `<text class="label" x="${x + 10}" y="${y + NODE_H / 2}">${esc(label)}</text></g>`);
+            `<text class="label" x="${x + 10}" y="${y + NODE_H / 2}">${label}</text></g>`);
         }
       }
       parts.push("</g></svg>");
@@ -422,6 +449,7 @@ export default {
     function renderDetails() {
       const id = ui.selected;
       drawer.replaceChildren();
+      graphBox.classList.toggle("has-drawer", !!id);
       if (!id) { drawer.classList.remove("open"); return; }
       const d = (model.get("details") || {})[id];
       const graph = state().graph || { state_colors: {} };
@@ -438,12 +466,12 @@ export default {
       const badge = el("span", "nbi-state", (state().header?.labels || {})[d.state] || d.state);
       badge.style.background = graph.state_colors[d.state] || "#888";
       drawer.appendChild(badge);
-      const rows = el("dl", "nbi-rows");
-      for (const [k, v] of d.rows) { rows.append(el("dt", "", k), el("dd", "", v)); }
-      drawer.appendChild(rows);
-      if (d.why) drawer.appendChild(el("p", "nbi-why", d.why));
+      // What matters first: why it ran (or its error and traceback), then the facts.
+      if (d.why) drawer.appendChild(el("p", d.state === "failed" ? "nbi-why nbi-error" : "nbi-why", d.why));
       if (d.traceback) drawer.appendChild(el("pre", "nbi-tb", d.traceback));
-      else if (d.error) drawer.appendChild(el("div", "nbi-error", d.error));
+      const rows = el("div", "nbi-rows");
+      for (const [k, v] of d.rows) rows.append(el("span", "nbi-k", k), el("span", "nbi-v", v));
+      drawer.appendChild(rows);
     }
 
     function select(id) {

@@ -24,7 +24,7 @@ from .task import Handle, Task, task
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by purpose, as joblib's (STYLE.md)
     # the API
     "Handle",
     "Pipeline",

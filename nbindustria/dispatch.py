@@ -45,6 +45,7 @@ BATCH_MAX = 64  # jobs per message at most
 BATCH_TARGET_SECONDS = 0.05  # a batch holds about this much expected work
 SHORT_INFLIGHT = 2  # messages of short tasks in flight per engine (hides the round trip)
 MAX_ENGINE_DEATHS = 3
+UNKNOWN = 1.0  # the expected duration the scheduler passes when none was recorded
 POLL_INTERVAL = 0.5
 MAX_REPLACEMENTS = 16  # engines started to replace dead ones, per executor  # seconds between looks for engines that joined or left
 
@@ -86,6 +87,10 @@ class _Engine:
     functions: set[str] = field(default_factory=set)
     alive: bool = True
     done: int = 0  # jobs finished here (any outcome)
+    # (cpus, memory, gpus) of the jobs it holds (sent or being batched) -> how many; and what
+    # it reserves on its host for them: the largest of each, since it runs one job at a time.
+    needs: dict[tuple[float, int, float], int] = field(default_factory=dict)
+    held: tuple[float, int, float] = (0.0, 0, 0.0)
 
 
 @dataclass
@@ -115,6 +120,8 @@ class EngineExecutor:
         self._msg_seq = 0
         self._messages: dict[int, Any] = {}  # msg id -> AsyncResult
         self._last_poll = 0.0
+        # Durations measured in this run, per task name: (count, total seconds).
+        self._measured: dict[str, tuple[int, float]] = {}
         self._local_host = socket.gethostname()
         self.replacements = 0
         self.replacement_errors: list[str] = []
@@ -180,6 +187,7 @@ class EngineExecutor:
         # Called at the start of each run: functions are pickled again, since a global they
         # read by value may have changed since the last run.
         _BLOBS.clear()
+        self._measured.clear()
         for engine in self._engines.values():
             engine.functions.clear()
         self._store_path = str(store.path)
@@ -235,19 +243,31 @@ class EngineExecutor:
                 pass
             else:
                 continue
-            if not self._host_fits(self._hosts[engine.host], options, free=True):
+            if not self._fits_beside(engine, options):
                 continue
             # Prefer the least loaded engine; among equals, the lowest id (stable).
             if best is None or (engine.messages, engine.id) < (best.messages, best.id):
                 best = engine
         return best
 
-    def free_slot_for(self, options: TaskOptions, expected: float = 1.0) -> bool:
-        return self._candidate(options, expected < SHORT_TASK) is not None
+    def _expected(self, options: TaskOptions, expected: float) -> float:
+        """The duration to plan with. The scheduler passes ``UNKNOWN`` (1 s) for a task with no
+        recorded duration; once calls of that task finished in this run, their mean is used
+        instead, so that a first run of many short tasks switches to batches after the first
+        replies rather than sending every task alone."""
+        if expected == UNKNOWN:
+            measured = self._measured.get(options.name)
+            if measured is not None:
+                return measured[1] / measured[0]
+        return expected
+
+    def free_slot_for(self, options: TaskOptions, expected: float = UNKNOWN) -> bool:
+        return self._candidate(options, self._expected(options, expected) < SHORT_TASK) is not None
 
     def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None],
-               expected: float = 1.0) -> None:
+               expected: float = UNKNOWN) -> None:
         self._report = report
+        expected = self._expected(options, expected)
         short = expected < SHORT_TASK
         engine = self._candidate(options, short)
         if engine is None:
@@ -273,17 +293,50 @@ class EngineExecutor:
             if self._pending[engine_id]:
                 self._send(self._engines[engine_id])
 
-    def _reserve(self, engine: _Engine, options: TaskOptions) -> None:
+    # An engine runs one job at a time: the jobs it holds (a batch, a second message queued
+    # behind the first) never run together, so it reserves on its host the largest cpus, memory
+    # and gpus among them, not their sum. Engines of one host together never exceed it.
+
+    @staticmethod
+    def _need(options: TaskOptions) -> tuple[float, int, float]:
+        return (options.cpus, options.memory or 0, options.gpus)
+
+    def _fits_beside(self, engine: _Engine, options: TaskOptions) -> bool:
+        """Whether the host still has room if ``engine`` also holds a job with ``options``."""
         host = self._hosts[engine.host]
-        host.used_cpus += options.cpus
-        host.used_memory += options.memory or 0
-        host.used_gpus += options.gpus
+        cpus, memory, gpus = self._need(options)
+        held_cpus, held_memory, held_gpus = engine.held
+        return (host.used_cpus - held_cpus + max(held_cpus, cpus) <= host.cores + 1e-9
+                and host.used_memory - held_memory + max(held_memory, memory) <= host.memory
+                and host.used_gpus - held_gpus + max(held_gpus, gpus) <= host.gpus + 1e-9)
+
+    def _reserve(self, engine: _Engine, options: TaskOptions) -> None:
+        need = self._need(options)
+        engine.needs[need] = engine.needs.get(need, 0) + 1
+        self._hold(engine)
 
     def _release(self, engine: _Engine, options: TaskOptions) -> None:
+        need = self._need(options)
+        left = engine.needs.get(need, 0) - 1
+        if left > 0:
+            engine.needs[need] = left
+        else:
+            engine.needs.pop(need, None)
+        self._hold(engine)
+
+    def _hold(self, engine: _Engine) -> None:
+        """Reserve on the engine's host the largest need of the jobs it holds."""
+        needs = engine.needs
+        new = ((max(n[0] for n in needs), max(n[1] for n in needs), max(n[2] for n in needs))
+               if needs else (0.0, 0, 0.0))
+        old = engine.held
+        if new == old:
+            return
         host = self._hosts[engine.host]
-        host.used_cpus = max(0.0, host.used_cpus - options.cpus)
-        host.used_memory = max(0, host.used_memory - (options.memory or 0))
-        host.used_gpus = max(0.0, host.used_gpus - options.gpus)
+        host.used_cpus = max(0.0, host.used_cpus + new[0] - old[0])
+        host.used_memory = max(0, host.used_memory + new[1] - old[1])
+        host.used_gpus = max(0.0, host.used_gpus + new[2] - old[2])
+        engine.held = new
 
     def _send(self, engine: _Engine) -> None:
         import cloudpickle
@@ -345,6 +398,9 @@ class EngineExecutor:
             options, msg = entry
             engine.done += 1
             self._release(engine, options)
+            if outcome.ok or outcome.error_type not in ("EngineLost", "InputUnusable"):
+                count, total = self._measured.get(options.name, (0, 0.0))
+                self._measured[options.name] = (count + 1, total + outcome.duration)
             if msg not in (e[1] for e in engine.jobs.values()):
                 engine.messages = max(0, engine.messages - 1)
                 self._messages.pop(msg, None)

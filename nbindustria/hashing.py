@@ -101,29 +101,43 @@ _NEVER_HASHABLE: tuple[type, ...] = (
 )
 
 
+# Values that are never a task's result by identity: encoded without asking on_handle.
+_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, range, slice,
+                      type(Ellipsis)})
+
+
 class ValueEncoder:
     """Encodes values into ``self.buf``; handles become placeholders resolved by the caller.
 
     ``on_handle(obj) -> bytes | None`` lets the key builder replace task handles (and values whose
-    provenance is known) by a token; ``mutable`` tells whether anything encoded could change in
-    place later (then the encoding must be recomputed before it is trusted again).
+    provenance is known) by a token; ``identify(obj) -> bytes | None`` names the same objects
+    without side effects (by their call, not their position), so that the elements of a set can
+    be put in an order that does not depend on iteration before ``on_handle`` numbers them;
+    ``mutable`` tells whether anything encoded could change in place later (then the encoding
+    must be recomputed before it is trusted again).
     """
 
-    __slots__ = ("_active", "buf", "code", "mutable", "on_handle")
+    __slots__ = ("_active", "buf", "code", "identify", "mutable", "on_handle")
 
     def __init__(self, on_handle: Callable[[Any], bytes | None] | None = None,
-                 code: CodeHasher | None = None):
+                 code: CodeHasher | None = None,
+                 identify: Callable[[Any], bytes | None] | None = None):
         self.buf = bytearray()
         self.on_handle = on_handle
+        self.identify = identify
         self.mutable = False
         self.code = code
-        self._active: set[int] = set()
+        # Containers being encoded (id -> depth): a back-reference is encoded by the depth of
+        # the container it points to, so that cycles through different ancestors differ.
+        self._active: dict[int, int] = {}
 
     # The dispatcher: exact type first (fast), then lazy registration, then the generic path.
+    # Values that may stand for a result (a handle, an array a task returned) are offered to
+    # ``on_handle`` before any encoder sees them; plain scalars never are.
     def encode(self, value: Any, path: str) -> None:
         tp = type(value)
         encoder = _ENCODERS.get(tp)
-        if encoder is not None:
+        if encoder is not None and (self.on_handle is None or tp in _SCALARS):
             encoder(self, value, path)
             return
         if self.on_handle is not None:
@@ -131,6 +145,9 @@ class ValueEncoder:
             if token is not None:
                 self.buf += b"H"
                 self.buf += token
+                return
+            if encoder is not None:
+                encoder(self, value, path)
                 return
         toplevel = tp.__module__.partition(".")[0]
         if toplevel in _LAZY and toplevel not in _lazy_done:
@@ -145,11 +162,28 @@ class ValueEncoder:
     def _enter(self, value: Any, path: str) -> bool:
         """Guard against self-referencing containers; returns False on a back-reference."""
         ident = id(value)
-        if ident in self._active:
-            self.buf += b"R"  # a reference cycle: encoded by shape, deterministic
+        depth = self._active.get(ident)
+        if depth is not None:
+            self.buf += b"R" + _pack_len(depth)  # a reference cycle: which ancestor, by depth
             return False
-        self._active.add(ident)
+        self._active[ident] = len(self._active)
         return True
+
+    def _leave(self, value: Any) -> None:
+        self._active.pop(id(value), None)
+
+    def _sub(self, on_handle: Callable[[Any], bytes | None] | None) -> ValueEncoder:
+        """An encoder for one element of an unordered container, inside this one."""
+        sub = ValueEncoder(on_handle, self._code(), self.identify)
+        sub._active = dict(self._active)
+        return sub
+
+    def _code(self) -> CodeHasher:
+        # One code hasher per encoding: functions are hashed once, and a function reached
+        # again through a value it reads (a registry dict of functions) is seen as recursion.
+        if self.code is None:
+            self.code = CodeHasher()
+        return self.code
 
     def _encode_generic(self, value: Any, path: str) -> None:
         hook = getattr(value, "__nbindustria_token__", None)
@@ -161,7 +195,8 @@ class ValueEncoder:
         if isinstance(value, _NEVER_HASHABLE):
             raise Unhashable(path, f"{type(value).__name__} objects have no deterministic content")
         if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type,
-                              types.MethodType, types.ModuleType, functools.partial)):
+                              types.MethodType, types.ModuleType, functools.partial)) or \
+                _wrapped_function(value) is not None:
             self._encode_code_object(value, path)
             return
         # Subclasses of builtin containers and scalars: their type, then their builtin content.
@@ -170,7 +205,8 @@ class ValueEncoder:
                 self.mutable = True
                 self.buf += b"X"
                 self._encode_class(type(value), path)
-                _ENCODERS[base](self, base(value), path)  # type: ignore[call-arg]
+                builtin: Any = base  # the builtin type's constructor: its plain content
+                _ENCODERS[base](self, builtin(value), path)
                 state = getattr(value, "__dict__", None)
                 if state:
                     self.encode(state, f"{path}.__dict__")
@@ -178,13 +214,11 @@ class ValueEncoder:
         self._encode_object(value, path)
 
     def _encode_code_object(self, value: Any, path: str) -> None:
-        code = self.code or CodeHasher()
         self.buf += b"C"
-        self.encode(code.token_of(value, path), path)
+        self.encode(self._code().token_of(value, path), path)
 
     def _encode_class(self, cls: type, path: str) -> None:
-        code = self.code or CodeHasher()
-        self.encode(code.token_of(cls, path), path)
+        self.encode(self._code().token_of(cls, path), path)
 
     def _encode_object(self, value: Any, path: str) -> None:
         """User objects: their class's code, then their state as pickle would see it."""
@@ -199,7 +233,7 @@ class ValueEncoder:
         if isinstance(reduced, str):  # a global singleton, named by pickle
             self.buf += b"g"
             self.encode(f"{type(value).__module__}.{reduced}", path)
-            self._active.discard(id(value))
+            self._leave(value)
             return
         self.buf += b"O"
         self._encode_class(type(value), path)
@@ -221,7 +255,7 @@ class ValueEncoder:
             self.encode(list(listitems), f"{path}[:]")
         if dictitems is not None:
             self.encode(dict(dictitems), f"{path}.items()")
-        self._active.discard(id(value))
+        self._leave(value)
 
     def _encode_state(self, state: dict[Any, Any], path: str) -> None:
         # Attribute order is an accident of construction: sort by name.
@@ -315,7 +349,7 @@ def _enc_list(enc: ValueEncoder, value: list[Any], path: str) -> None:
     enc.buf += b"l" + _pack_len(len(value))
     for i, item in enumerate(value):
         enc.encode(item, f"{path}[{i}]")
-    enc._active.discard(id(value))
+    enc._leave(value)
 
 
 @register(dict)
@@ -329,20 +363,47 @@ def _enc_dict(enc: ValueEncoder, value: dict[Any, Any], path: str) -> None:
     for key, item in value.items():
         enc.encode(key, f"{path}.keys()")
         enc.encode(item, f"{path}[{key!r}]")
-    enc._active.discard(id(value))
+    enc._leave(value)
 
 
 def _enc_unordered(enc: ValueEncoder, tag: bytes, value: set[Any] | frozenset[Any],
                    path: str) -> None:
     # Each element is encoded alone and the encodings are sorted: iteration order (which
-    # depends on PYTHONHASHSEED for strings) cannot leak into the token.
-    parts = []
-    for item in value:
-        sub = ValueEncoder(enc.on_handle, enc.code)
-        sub.encode(item, f"{path}{{...}}")
-        enc.mutable |= sub.mutable
-        parts.append(bytes(sub.buf))
-    parts.sort()
+    # depends on PYTHONHASHSEED for strings, on ids for objects) cannot leak into the token.
+    where = f"{path}{{...}}"
+    if enc.on_handle is None or enc.identify is None:
+        parts = []
+        for item in value:
+            sub = enc._sub(enc.on_handle)
+            sub.encode(item, where)
+            enc.mutable |= sub.mutable
+            parts.append(bytes(sub.buf))
+        parts.sort()
+    else:
+        # Handles are numbered in the order on_handle meets them: sort the elements first by an
+        # encoding that names each handle by its call, then number them in that order.
+        probed: list[tuple[bytes, bool, Any]] = []
+        for item in value:
+            seen: list[bool] = []
+
+            def probe(obj: Any, seen: list[bool] = seen) -> bytes | None:
+                token = enc.identify(obj) if enc.identify is not None else None
+                if token is not None:
+                    seen.append(True)
+                return token
+
+            sub = enc._sub(probe)
+            sub.encode(item, where)
+            enc.mutable |= sub.mutable
+            probed.append((bytes(sub.buf), bool(seen), item))
+        probed.sort(key=lambda p: p[0])
+        parts = []
+        for data, has_handles, item in probed:
+            if has_handles:
+                sub = enc._sub(enc.on_handle)
+                sub.encode(item, where)
+                data = bytes(sub.buf)
+            parts.append(data)
     enc.buf += tag + _pack_len(len(parts))
     for part in parts:
         enc.buf += _pack_len(len(part)) + part
@@ -394,7 +455,7 @@ def _register_numpy() -> None:
         if value.dtype.names is not None or value.dtype.subdtype is not None:
             enc.encode(repr(value.dtype.descr), path)
         data = value if value.flags.c_contiguous else np.ascontiguousarray(value)
-        _encode_buffer(enc, b"b", memoryview(data.reshape(-1).view(np.uint8)))
+        _encode_buffer(enc, b"b", data.reshape(-1).view(np.uint8).data)
 
     def _enc_scalar(enc: ValueEncoder, value: Any, path: str) -> None:
         enc.buf += b"a"
@@ -488,9 +549,9 @@ def encode_value(value: Any, path: str = "value", *,
     return enc
 
 
-def tokenize(value: Any, path: str = "value") -> str:
+def tokenize(value: Any, path: str = "value", *, code: CodeHasher | None = None) -> str:
     """The hex token of a value: equal values give equal tokens, in any process."""
-    return xxhash.xxh3_128_hexdigest(bytes(encode_value(value, path).buf))
+    return xxhash.xxh3_128_hexdigest(bytes(encode_value(value, path, code=code).buf))
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,6 +706,10 @@ class CodeHasher:
         self._memo: dict[int, CodeInfo] = {}
         self._keepalive: list[Any] = []  # ids stay unique while the memo lives
         self._in_progress: set[int] = set()
+        # Per info() being computed: the functions still in progress that its digest stood in
+        # for by name (recursion). Such a digest is only valid inside theirs: not memoized.
+        self._open: list[set[int]] = []
+        self._modules: set[int] = set()  # user modules being hashed (module attribute cycles)
 
     def token_of(self, obj: Any, path: str = "value") -> str:
         """A token for a function, class, method or module used as a *value*."""
@@ -653,10 +718,10 @@ class CodeHasher:
             return f"module:{obj.__name__}:{version or self._module_digest(obj)}"
         if isinstance(obj, functools.partial):
             return "partial:" + tokenize((self.token_of(obj.func, path), obj.args,
-                                          obj.keywords), path)
+                                          obj.keywords), path, code=self)
         if isinstance(obj, types.MethodType):
             return "method:" + self.token_of(obj.__func__, path) + ":" + tokenize(
-                obj.__self__, f"{path}.__self__")
+                obj.__self__, f"{path}.__self__", code=self)
         return self.info(obj, path).digest
 
     def info(self, obj: Any, path: str = "value") -> CodeInfo:
@@ -666,12 +731,24 @@ class CodeHasher:
         if known is not None:
             return known
         if ident in self._in_progress:  # recursion (a function that calls itself)
+            if self._open:
+                self._open[-1].add(ident)
             return CodeInfo("recursive:" + _qualname(target))
         self._in_progress.add(ident)
+        self._open.append(set())
         try:
             info = self._compute(target, path)
         finally:
             self._in_progress.discard(ident)
+            still_open = self._open.pop()
+        still_open.discard(ident)
+        if still_open:
+            # Mutually recursive with a function higher up, whose code this digest names only
+            # by name: valid inside that function's digest, not on its own (a task reaching
+            # this one directly must see that function's code), so it is not memoized.
+            if self._open:
+                self._open[-1] |= still_open
+            return info
         self._memo[ident] = info
         self._keepalive.append(target)
         return info
@@ -680,7 +757,7 @@ class CodeHasher:
         module = getattr(obj, "__module__", None) or ""
         name = _qualname(obj)
         version = library_version(module) if module else "python"
-        if version is not None and not (module == "__main__"):
+        if version is not None and module != "__main__":
             return CodeInfo(f"lib:{name}:{version}", {name: {"kind": "library",
                                                              "digest": version,
                                                              "version": version}})
@@ -690,8 +767,14 @@ class CodeHasher:
             return self._function_info(obj, path)
         if isinstance(obj, types.BuiltinFunctionType):
             return CodeInfo(f"builtin:{name}")
+        wrapped = _wrapped_function(obj)
+        if wrapped is not None:
+            # functools.cache, lru_cache, and wrappers like them: the code is the wrapped
+            # function's (the wrapper pickles by name, so its state would not show an edit).
+            inner = self.info(wrapped, path)
+            return CodeInfo(f"wrapped:{_qualname(type(obj))}:{inner.digest}", inner.manifest)
         # A callable object from user code, used as a value: its class and its state.
-        return CodeInfo("obj:" + tokenize(obj, path))
+        return CodeInfo("obj:" + tokenize(obj, path, code=self))
 
     def _function_info(self, func: types.FunctionType, path: str) -> CodeInfo:
         name = _qualname(func)
@@ -699,13 +782,17 @@ class CodeHasher:
         body_digest = normalized_source_digest(source) if source is not None else None
         if body_digest is None:
             body_digest = "co:" + _code_object_digest(func.__code__)
+        elif func.__code__.co_name == "<lambda>":
+            # The source of a lambda is its whole line, which may hold other lambdas: its
+            # bytecode tells it apart.
+            body_digest += ":" + _code_object_digest(func.__code__)
         manifest: dict[str, dict[str, str]] = {
             name: {"kind": "function", "digest": body_digest, "source": source or ""}}
         h = xxhash.xxh3_128()
         h.update(b"F" + body_digest.encode())
         # Defaults are values: an edited default changes the result.
         h.update(tokenize((func.__defaults__, func.__kwdefaults__),
-                          f"{name}.__defaults__").encode())
+                          f"{name}.__defaults__", code=self).encode())
         globals_, attrs = _referenced_names(func.__code__)
         reached: list[tuple[str, Any]] = []
         fglobals = func.__globals__
@@ -736,22 +823,32 @@ class CodeHasher:
             version = library_version(value.__name__)
             if version is not None:
                 return f"module:{version}", {}
-            # A user module: hash the attributes of it this function uses.
+            # A user module: hash the attributes of it this function uses (and of its
+            # submodules, for ``pkg.sub.helper``).
+            if id(value) in self._modules:
+                return f"usermodule:{value.__name__}:recursive", {}
             parts = []
             manifest: dict[str, dict[str, str]] = {}
-            for attr in attrs:
-                if attr in vars(value):
-                    token, sub = self._reached(vars(value)[attr], f"{value.__name__}.{attr}", ())
-                    parts.append(f"{attr}={token}")
-                    manifest.update(sub)
+            self._modules.add(id(value))
+            try:
+                for attr in attrs:
+                    if attr in vars(value):
+                        member = vars(value)[attr]
+                        token, sub = self._reached(
+                            member, f"{value.__name__}.{attr}",
+                            attrs if isinstance(member, types.ModuleType) else ())
+                        parts.append(f"{attr}={token}")
+                        manifest.update(sub)
+            finally:
+                self._modules.discard(id(value))
             return "usermodule:" + tokenize(parts), manifest
-        if isinstance(value, (types.FunctionType, type)):
+        if isinstance(value, (types.FunctionType, type)) or _wrapped_function(value) is not None:
             info = self.info(value, where)
             return info.digest, info.manifest
         if isinstance(value, (types.BuiltinFunctionType, types.MethodType, functools.partial)):
             return self.token_of(value, where), {}
         try:
-            token = tokenize(value, where)
+            token = tokenize(value, where, code=self)
         except Unhashable as exc:
             raise HashingError(
                 f"the code reads the global {where.rpartition(':')[2]!r}, which cannot be "
@@ -788,7 +885,8 @@ class CodeHasher:
                 manifest.update(sub.manifest)
             else:
                 try:
-                    h.update(attr.encode() + tokenize(member, f"{name}.{attr}").encode())
+                    h.update(attr.encode() + tokenize(member, f"{name}.{attr}",
+                                                      code=self).encode())
                 except HashingError:
                     h.update(attr.encode() + type(member).__qualname__.encode())
         source = _source_of(cls)
@@ -808,6 +906,14 @@ class _Missing:
 
 
 _MISSING = _Missing()
+
+
+def _wrapped_function(obj: Any) -> types.FunctionType | None:
+    """The function a callable wrapper (``functools.cache``, ``lru_cache``, ...) stands for."""
+    if isinstance(obj, (types.FunctionType, type)) or not callable(obj):
+        return None
+    wrapped = getattr(obj, "__wrapped__", None)
+    return wrapped if isinstance(wrapped, types.FunctionType) else None
 
 
 def _unwrap_task(obj: Any) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 import xxhash
 
 from .errors import HashingError
+from .graph import iter_handles
 from .hashing import ENCODING_VERSION, CodeHasher, Unhashable, ValueEncoder
 from .task import Handle, ResultRef, Task
 
@@ -65,14 +66,13 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
         found: list[Upstream] = []
 
         def on_handle(obj: Any, found: list[Upstream] = found) -> bytes | None:
-            handle: Upstream | None = obj if isinstance(obj, Handle) else (
-                provenance(obj) if provenance is not None else None)
+            handle = _upstream(obj, provenance)
             if handle is None:
                 return None
             found.append(handle)
             return _pack_u32(len(found) - 1)
 
-        enc = ValueEncoder(on_handle, code)
+        enc = ValueEncoder(on_handle, code, lambda obj: _identify(obj, provenance))
         try:
             enc.encode(value, f"{task.name}({name}=...)")
         except Unhashable as exc:
@@ -81,10 +81,44 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
                 "value with deterministic content (numbers, strings, arrays, frames, plain "
                 "objects), or give its class a __nbindustria_token__() method."
             ) from None
+        _check_reachable(task, name, value, found)
         mutable |= enc.mutable
         params.append((name, bytes(enc.buf), found))
         all_handles.extend(found)
     return CallEncoding(params, all_handles, mutable)
+
+
+def _check_reachable(task: Task[Any, Any], name: str, value: Any, found: list[Upstream]) -> None:
+    """Handles are dependencies only where the graph walks (builtin containers, named tuples):
+    one inside another object would be neither waited for nor replaced by its value."""
+    handles = [h for h in found if isinstance(h, Handle)]
+    if not handles:
+        return
+    walked = {id(h) for h in iter_handles(value)}
+    for handle in handles:
+        if id(handle) not in walked:
+            raise HashingError(
+                f"the argument {name} of task {task.name!r} holds the result of "
+                f"{handle.label} inside an object of another kind than a list, tuple, dict or "
+                "set: results are found (and waited for) only in those. Pass the result as an "
+                "argument of its own, or in one of those containers.")
+
+
+def _upstream(obj: Any, provenance: ProvenanceLookup | None) -> Upstream | None:
+    if isinstance(obj, Handle):
+        return obj
+    return provenance(obj) if provenance is not None else None
+
+
+def _identify(obj: Any, provenance: ProvenanceLookup | None) -> bytes | None:
+    """An upstream named by its call (and a provenance by its result too), without numbering
+    it: sets of handles are ordered by this, whatever their iteration order."""
+    handle = _upstream(obj, provenance)
+    if handle is None:
+        return None
+    if isinstance(handle, ResultRef):
+        return b"r" + handle.node_id.encode() + (handle.digest or "").encode()
+    return b"h" + handle.node_id.encode()
 
 
 def _fill(h: Any, params: list[tuple[str, bytes, list[Upstream]]],

@@ -22,7 +22,6 @@ Panels
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
@@ -56,6 +55,8 @@ __all__ = [
     "header",
     "memory",
     "run_view",
+    "short_args",
+    "short_label",
     "task_color",
     "timeline",
 ]
@@ -90,18 +91,38 @@ MAX_ROWS = 12  # a depth column with more nodes wraps into several sub-columns
 GROUP_PREFIX = "group:"
 
 
-def task_color(name: str) -> str:
-    """A colour for a task name that is the same in every process and every session.
+# Task colours: mid-tones that read on light and dark backgrounds. A name hashes to one of the
+# first ten (Tableau 10, its red swapped for indigo: red means "failed" here); when two names of a
+# run meet on one colour, the later one takes the next free colour, the last ten included.
+PALETTE: tuple[str, ...] = (
+    "#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#edc948", "#76b7b2", "#9c755f", "#ff9da7",
+    "#7b6fd0", "#bab0ac",
+    "#a0cbe8", "#ffbe7d", "#8cd17d", "#d4a6c8", "#f1ce63", "#86bcb6", "#d7b5a6", "#fabfd2",
+    "#79706e", "#b6992d",
+)
+HASHED_COLORS = 10
 
-    Python's ``hash()`` of a string is salted per process, so the hue comes from a digest instead.
-    """
+
+def _color_slot(name: str) -> int:
+    # Python's hash() of a string is salted per process: a digest gives the same slot everywhere.
     digest = hashlib.blake2b(name.encode(), digest_size=4).digest()
-    value = int.from_bytes(digest, "big")
-    hue = (value % 360) / 360
-    saturation = 0.50 + ((value >> 9) % 20) / 100  # 0.50-0.69
-    lightness = 0.47 + ((value >> 17) % 10) / 100  # 0.47-0.56
-    r, g, b = colorsys.hls_to_rgb(hue, lightness, saturation)
-    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+    return int.from_bytes(digest, "big") % HASHED_COLORS
+
+
+def task_color(name: str) -> str:
+    """The colour of a task name: the same in every process and every session."""
+    return PALETTE[_color_slot(name)]
+
+
+def _run_color(name: str, taken: set[str]) -> str:
+    """``task_color(name)``, unless another task name of the run has it already: then the next
+    free colour of the palette, so that the names of one run stay apart."""
+    slot = _color_slot(name)
+    if len(taken) >= len(PALETTE):
+        return PALETTE[slot]
+    while PALETTE[slot] in taken:
+        slot = (slot + 1) % len(PALETTE)
+    return PALETTE[slot]
 
 
 def format_duration(seconds: float | None) -> str:
@@ -138,6 +159,18 @@ def format_bytes(size: float | None) -> str:
 def engine_short(engine: str) -> str:
     """``"engine 3 (host:pid)"`` -> ``"engine 3"``: the timeline's row label."""
     return engine.split(" (", 1)[0] if engine else "?"
+
+
+def short_args(label: str) -> str:
+    """The arguments of a call label without keyword names: ``fit(df=d, alpha=0.1)`` ->
+    ``d, 0.1``; what a small node shows next to its task name."""
+    return short_label(_arguments(label)) if "(" in label else ""
+
+
+def short_label(label: str) -> str:
+    """A call label without keyword names, for a small node: ``fit(df=d, alpha=0.1)`` ->
+    ``fit(d, 0.1)``."""
+    return re.sub(r"(?:(?<=[(,])|^)(\s*)[A-Za-z_]\w*=(?!=)", r"\1", label)
 
 
 def _natural_key(text: str) -> list[Any]:
@@ -305,7 +338,9 @@ class RunView:
     def _add_node(self, event: Event) -> NodeRecord:
         name = event.task or "?"
         if name not in self.tasks:
-            self.tasks[name] = TaskStats(name=name, rank=len(self.tasks), color=task_color(name))
+            taken = {stats.color for stats in self.tasks.values()}
+            self.tasks[name] = TaskStats(name=name, rank=len(self.tasks),
+                                         color=_run_color(name, taken))
         node = NodeRecord(
             id=event.node,
             task=name,
@@ -392,7 +427,10 @@ def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[
     total = len(view.nodes)
     finished = _finished(view.counts)
     if view.ended is not None:
-        status = "failed" if view.counts[FAILED] else "finished"
+        if view.end_info.get("interrupted"):
+            status = "interrupted"
+        else:
+            status = "failed" if view.counts[FAILED] else "finished"
     elif view.started is not None or total:
         status = "running"
     else:
@@ -420,6 +458,7 @@ def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[
         "run": info.get("run"),
         "engines": str(info.get("engines", "") or ""),
         "n_engines": n_engines if isinstance(n_engines, int) else None,
+        "dryrun": bool(info.get("dryrun")),
         "busy": view.counts[RUNNING],
         "status": status,
         "started": t0,
@@ -494,7 +533,7 @@ def _structure(
     """The state-independent part of the graph (groups, edges, layout), cached per structure."""
     cache_key = (view.structure_version, threshold, max_nodes, max_members, expanded)
     if view._layout_cache is not None and view._layout_cache[0] == cache_key:
-        return view._layout_cache[1]  # type: ignore[no-any-return]
+        return view._layout_cache[1]
     depths = view.depths()
     grouped = _choose_groups(view, threshold, max_nodes, expanded)
     members: dict[str, list[NodeRecord]] = {name: [] for name in grouped}
@@ -585,6 +624,8 @@ def graph(
             "id": node.id,
             "task": node.task,
             "label": node.label,
+            "short": short_label(node.label),
+            "args": short_args(node.label),
             "state": node.state,
             "depth": depths[node.id],
             "rank": view.tasks[node.task].rank,
@@ -606,7 +647,9 @@ def graph(
         nodes.append({
             "id": group_id,
             "task": name,
-            "label": f"{name} ×{len(group)}",
+            "label": f"{name} \u00d7{len(group)}",
+            "short": name,
+            "args": "",
             "state": _group_state(counts),
             "depth": s["group_info"][name]["depth"],
             "rank": stats.rank,
@@ -655,7 +698,8 @@ def node_details(view: RunView, node: NodeRecord) -> dict[str, Any]:
     if node.key:
         rows.append(["Key", node.key])
     if node.engine:
-        rows.append(["Engine", engine_short(node.engine)])
+        # A cache hit's engine is where the stored result was made, in an earlier run.
+        rows.append(["Made on" if node.state == CACHED else "Engine", engine_short(node.engine)])
         host = node.engine.partition(" (")[2].rstrip(")")
         if host:
             rows.append(["Host", host])
@@ -720,7 +764,7 @@ def group_details(view: RunView, name: str) -> dict[str, Any]:
         rows.append(["Largest peak memory", format_bytes(stats.peak)])
     return {
         "id": GROUP_PREFIX + name,
-        "label": f"{name} ×{total}",
+        "label": f"{name} \u00d7{total}",
         "task": name,
         "state": _group_state(stats.counts),
         "rows": rows,
@@ -775,7 +819,7 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
     """
     view = run_view(source)
     t0 = view.t0 or 0.0
-    bars = []
+    bars: list[dict[str, Any]] = []
     for bar in view.bars:
         bars.append({
             "node": bar["node"],
@@ -790,15 +834,16 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
             "color": view.tasks[bar["task"]].color,
         })
     end = now if now is not None else (view.last_time or t0)
-    running = []
+    running: list[dict[str, Any]] = []
     if view.counts[RUNNING]:
         for node in view.nodes.values():
-            if node.state == RUNNING and node.running_at is not None:
+            # A bar needs its row: the engine, once the scheduler knows where the task runs.
+            if node.state == RUNNING and node.running_at is not None and node.engine:
                 running.append({
                     "node": node.id,
                     "task": node.task,
                     "label": node.label,
-                    "engine": engine_short(node.engine or "kernel"),
+                    "engine": engine_short(node.engine),
                     "host": node.engine,
                     "start": node.running_at - t0,
                     "end": max(end, node.running_at) - t0,
@@ -839,7 +884,7 @@ def cache_stats(source: RunView | Iterable[Event]) -> dict[str, Any]:
     durations of the hits, in seconds), in order of first appearance; and the ``total`` of each.
     """
     view = run_view(source)
-    tasks = [
+    tasks: list[dict[str, Any]] = [
         {
             "name": s.name,
             "color": s.color,

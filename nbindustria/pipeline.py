@@ -137,7 +137,7 @@ class Pipeline:
     def task(self, func: Callable[P, R], /) -> Task[P, R]: ...
 
     @overload
-    def task(self, *, name: str | None = None, rerun: bool = False, version: str | None = None,
+    def task(self, /, *, name: str | None = None, rerun: bool = False, version: str | None = None,
              cpus: float = 1, memory: int | str | None = None, gpus: float = 0,
              resources: Mapping[str, float] | None = None, retries: int = 0,
              ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
@@ -161,8 +161,12 @@ class Pipeline:
             handle = Handle(task, args, kwargs, nid, self)
             self._nodes[nid] = handle
         else:
-            # The same call again (a re-executed cell): it runs the task as defined now.
+            # The same call again (a re-executed cell): it runs the task as defined now, so
+            # its earlier resolution no longer counts (code or globals may have changed): the
+            # next run or result() decides again.
             handle.task = task
+            if handle.state in ("done", "cached", "failed", "skipped"):
+                handle.state = "added"
         handle.encoding = encoding
         self._recorded[nid] = handle
         return handle
@@ -230,10 +234,10 @@ class Pipeline:
         try:
             summary = run.execute(targets)
         finally:
-            if not handles:
-                for nid, handle in list(self._recorded.items()):
-                    if handle.state in ("done", "cached"):
-                        del self._recorded[nid]
+            # Finished calls are no longer pending (all of them, or those that were asked for).
+            for handle in (targets if handles else list(self._recorded.values())):
+                if handle.state in ("done", "cached"):
+                    self._recorded.pop(handle.node_id, None)
         if summary.dryrun:
             self.reporter._write(summary.line())
         return summary
@@ -263,8 +267,8 @@ class Pipeline:
         encoding = encode_call(handle.task, handle.args, handle.kwargs, code, self.provenance_of)
         upstream_known = all(u.digest is not None for u in encoding.handles)
         digests = arg_digests(encoding) if upstream_known else None
-        from .keys import bind
         from .hashing import summarize
+        from .keys import bind
 
         bound = bind(handle.task, handle.args, handle.kwargs)
         summaries = {n: (v.label if isinstance(v, Handle) else summarize(v))
@@ -308,12 +312,6 @@ class Pipeline:
                 dep.digest = digest
         memo[handle.node_id] = key
         return key
-
-    def dashboard(self) -> Any:
-        """The live dashboard of this pipeline's runs (a widget)."""
-        from .dashboard import Dashboard
-
-        return Dashboard(self.events).widget
 
 
 _default: Pipeline | None = None

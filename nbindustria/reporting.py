@@ -8,8 +8,18 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from .events import ADDED, CACHED, DONE, FAILED, FINAL_STATES, QUEUED, RUN_END, RUN_START, \
-    SKIPPED, Event
+from .events import (
+    ADDED,
+    CACHED,
+    DONE,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    RUN_END,
+    RUN_START,
+    SKIPPED,
+    Event,
+)
 
 
 def format_bytes(n: float | None) -> str:

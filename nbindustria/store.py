@@ -123,7 +123,7 @@ def find_unpicklable(value: Any, path: str = "result", depth: int = 0) -> str | 
     try:
         cloudpickle.dumps(value, protocol=5)
         return None
-    except Exception:  # noqa: BLE001 - any pickling failure means "look deeper"
+    except Exception:  # any pickling failure means "look deeper"
         pass
     if depth > 20:
         return path
@@ -157,7 +157,7 @@ def serialize(value: Any, label: str) -> tuple[str, dict[str, Any], list[Any]]:
 
     try:
         data = cloudpickle.dumps(value, protocol=5)
-    except Exception as exc:  # noqa: BLE001 - report every pickling failure the same way
+    except Exception as exc:  # report every pickling failure the same way
         where = find_unpicklable(value) or "result"
         raise UnpicklableResultError(
             f"{label} returned a value that cannot be stored: {where} "
@@ -224,12 +224,16 @@ def read_header(path: str | os.PathLike[str]) -> tuple[bytes, bytes, dict[str, A
             if hlen > _HEADER_LIMIT:
                 raise BadEntry("header length is implausible")
             header_bytes = f.read(hlen)
+            # The padding up to the payload is covered by no digest: it must be zeros.
+            padding = f.read(_align(_PREAMBLE + hlen) - _PREAMBLE - hlen)
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise BadEntry(f"cannot read: {exc}") from None
     if len(header_bytes) != hlen:
         raise BadEntry("truncated header")
+    if padding.strip(b"\0") or len(padding) != _align(_PREAMBLE + hlen) - _PREAMBLE - hlen:
+        raise BadEntry("damaged padding after the header")
     try:
         header = json.loads(header_bytes)
     except ValueError:
@@ -315,31 +319,50 @@ def verify_staged_input(path: str, expected_header_digest: str, *,
 # --------------------------------------------------------------------------------------------
 
 
-def _check_private_dir(path: Path) -> None:
-    """Refuse directories that others could plant entries in."""
+def _check_private_dir(path: Path, what: str = "cache directory") -> None:
+    """Refuse directories that others could plant entries (or keys) in."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeCacheDirError(
-            f"the cache directory {path} is a symbolic link; nbindustria refuses it so that "
+            f"the {what} {path} is a symbolic link; nbindustria refuses it so that "
             f"nobody can redirect your cache. Use the real path ({os.path.realpath(path)}) "
             "instead.")
     if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeCacheDirError(f"the cache directory {path} exists and is not a directory")
+        raise UnsafeCacheDirError(f"the {what} {path} exists and is not a directory")
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
         raise UnsafeCacheDirError(
-            f"the cache directory {path} is owned by uid {st.st_uid}, not by you "
-            f"(uid {os.geteuid()}); use a directory of your own (NBINDUSTRIA_CACHE_DIR).")
+            f"the {what} {path} is owned by uid {st.st_uid}, not by you "
+            f"(uid {os.geteuid()}); use a directory of your own (NBINDUSTRIA_CACHE_DIR, "
+            "NBINDUSTRIA_KEY_DIR).")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafeCacheDirError(
-            f"the cache directory {path} is writable by others (mode "
+            f"the {what} {path} is writable by others (mode "
             f"{stat.S_IMODE(st.st_mode):o}); fix it with: chmod 700 {path}")
 
 
-def _make_private_dir(path: Path) -> None:
-    _check_private_dir(path)
+def _check_key_file(path: Path) -> None:
+    """A key that others can read or replace signs nothing: refuse it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeCacheDirError(f"the key file {path} is not a regular file (a symbolic "
+                                  "link?); nbindustria refuses it")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise UnsafeCacheDirError(f"the key file {path} is owned by uid {st.st_uid}, not by "
+                                  f"you (uid {os.geteuid()})")
+    if st.st_mode & 0o077:
+        raise UnsafeCacheDirError(
+            f"the key file {path} can be read or written by others (mode "
+            f"{stat.S_IMODE(st.st_mode):o}); fix it with: chmod 600 {path}")
+
+
+def _make_private_dir(path: Path, what: str = "cache directory") -> None:
+    _check_private_dir(path, what)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if stat.S_IMODE(os.stat(path).st_mode) != 0o700:
         os.chmod(path, 0o700)
@@ -549,6 +572,8 @@ class Store:
     def _load_or_create_key(self, key_dir: Path) -> bytes:
         key_path = key_dir / f"{self.cache_id}.key"
         self.key_path = key_path
+        _check_private_dir(key_dir, "key directory")
+        _check_key_file(key_path)
         try:
             key = key_path.read_bytes()
         except FileNotFoundError:
@@ -564,7 +589,7 @@ class Store:
                 "(was the cache copied from another machine or user?). Entries are never "
                 "trusted without their key. Copy the key file there if you made this cache, or "
                 f"start afresh: move {self.path} away or choose another NBINDUSTRIA_CACHE_DIR.")
-        _make_private_dir(key_dir)
+        _make_private_dir(key_dir, "key directory")
         key = secrets.token_bytes(32)
         tmp = key_dir / f".{self.cache_id}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -704,7 +729,9 @@ class Store:
         dest = self.quarantine_dir / f"{key}.{int(time.time() * 1000)}.nbi"
         with contextlib.suppress(FileNotFoundError):
             os.replace(src, dest)
-            dest.with_suffix(".reason").write_text(f"{label}\n{reason}\n")
+            fd = os.open(dest.with_suffix(".reason"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:  # private, like every file of the cache
+                out.write(f"{label}\n{reason}\n")
         self.index.delete([key])
         self._verified_headers.pop(key, None)
 

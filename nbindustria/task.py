@@ -157,8 +157,9 @@ class Handle(Generic[R]):
     if the pipeline has not run it yet). The scheduler fills ``key``, ``state`` and ``digest``.
     """
 
-    __slots__ = ("__weakref__", "_label", "_value", "args", "deps", "digest", "encoding",
-                 "error", "key", "kwargs", "node_id", "pipeline", "reason", "state", "task")
+    __slots__ = ("__weakref__", "_label", "_value", "_value_key", "args", "deps", "digest",
+                 "encoding", "error", "key", "kwargs", "node_id", "pipeline", "reason", "state",
+                 "task")
 
     def __init__(self, task: Task[Any, R], args: tuple[Any, ...], kwargs: dict[str, Any],
                  node_id: str, pipeline: Recorder):
@@ -176,19 +177,27 @@ class Handle(Generic[R]):
         self.error: Any = None
         self._label: str | None = None
         self._value: Any = _UNSET
+        self._value_key: str | None = None  # the key the kept value was loaded from
 
     @property
     def label(self) -> str:
         """The call as ndustria prints it: ``fit(df, alpha=0.1)``."""
         if self._label is None:
+            # Stands for this call inside its own arguments while they are shown (a list that
+            # was passed to this call and then got its handle: the cycle the graph reports).
+            self._label = f"{self.task.name}(...)"
             self._label = call_label(self.task.name, self.args, self.kwargs)
         return self._label
 
     def result(self) -> R:
-        """The value: loaded from the store once, then kept."""
-        if self._value is _UNSET:
-            self._value = self.pipeline.result_of(self)
-        return self._value  # type: ignore[no-any-return]
+        """The value: loaded from the store once, then kept while the call's key stays."""
+        if self._value is _UNSET or self._value_key != self.key or not self.done:
+            # A value is only ever the one of the current key: a later run may have resolved
+            # this call to another entry (an edit, or an edit reverted: a cache hit).
+            self._value = _UNSET
+            value = self.pipeline.result_of(self)
+            self._value, self._value_key = value, self.key
+        return self._value
 
     @property
     def done(self) -> bool:
@@ -238,7 +247,8 @@ def short_repr(value: Any, limit: int = 40) -> str:
                  short_repr(v, limit) for v in items[:3] for k, v in ([v] if isinstance(
                      value, dict) else [(None, v)])]
         inner = ", ".join(shown) + (", ..." if len(items) > 3 else "")
-        open_, close = {list: "[]", tuple: "()", dict: "{}"}[type(value)]
+        open_, close = "{}" if isinstance(value, dict) else "[]" if isinstance(value, list) \
+            else "()"
         return f"{open_}{inner}{close}"
     shape = getattr(value, "shape", None)
     if shape is not None and hasattr(value, "dtype"):
@@ -250,10 +260,14 @@ def short_repr(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _holds_handles(value: Any) -> bool:
+def _holds_handles(value: Any, _seen: set[int] | None = None) -> bool:
+    seen = _seen if _seen is not None else set()
+    if id(value) in seen:  # a container that holds itself
+        return False
+    seen.add(id(value))
     items = value.values() if isinstance(value, dict) else value
     return any(isinstance(v, Handle) or (isinstance(v, (list, tuple, dict)) and
-                                         _holds_handles(v)) for v in items)
+                                         _holds_handles(v, seen)) for v in items)
 
 
 def call_label(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
@@ -263,7 +277,7 @@ def call_label(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> s
 
 
 def _make_options(func: Callable[..., Any], name: str | None, **options: Any) -> TaskOptions:
-    return TaskOptions(name=name or getattr(func, "__name__", "task"),
+    return TaskOptions(name=name or str(getattr(func, "__name__", "task")),
                        memory=parse_memory(options.pop("memory", None)),
                        resources=dict(options.pop("resources", None) or {}), **options)
 

@@ -1,0 +1,775 @@
+"""The live dashboard of a run: an anywidget (header and task graph) and plotly charts.
+
+``Dashboard(log).widget`` is an ipywidgets ``VBox`` that follows one run recorded in an
+:class:`~nbindustria.events.EventLog`:
+
+- the header and the task graph: our own front end, ``js/dashboard.js`` (shipped as
+  ``static/dashboard.js``), fed with two synced traits, ``state`` and ``details``;
+- a timeline (one row per engine, one bar per executed task), peak memory per task and cache hits
+  vs runs: three charts in one plotly ``FigureWidget`` (each FigureWidget carries plotly.js).
+
+The emitting thread (the scheduler) only appends to the log. A background thread pulls
+``log.since(index)`` a few times a second, folds the new events into a :class:`panels.RunView`
+and pushes what changed in one batch; when a refresh gets expensive (a very large run) it waits
+longer, so that the dashboard's share of the kernel's time stays small.
+
+:func:`write_report` writes the same views as one standalone HTML file (plotly.js inlined, the graph
+as inline SVG), which opens without a kernel and without internet.
+
+ipywidgets, anywidget and plotly are imported only here, when a dashboard is made, so that
+``import nbindustria`` stays fast; without them the error says what to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import html
+import importlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from . import panels
+from .events import ADDED, CACHED, DONE, FAILED, RUN_END, RUN_START, RUNNING, Event, EventLog
+
+__all__ = ["Dashboard", "write_report"]
+
+STATIC = Path(__file__).parent / "static"
+ESM_PATH = STATIC / "dashboard.js"
+INSTALL_HINT = "pip install 'nbindustria[dashboard]'"
+
+# Node geometry of the graph, as in js/dashboard.js (a test keeps the two in step).
+NODE_W, NODE_H, PITCH_X, PITCH_Y, PAD = 144, 24, 176, 30, 14
+
+INTERVAL = 0.33  # seconds between refreshes: at most ~3 a second
+COST_FACTOR = 20  # wait at least 20x what the last refresh cost: under ~5% of one core
+LINES_ABOVE = 1500  # more timeline bars than this: drawn as line segments (one SVG path per name)
+FONT = "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
+
+
+def _require(module: str) -> Any:
+    """Import ``module`` or say how to install the dashboard's dependencies."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"the nbindustria dashboard needs {module.split('.')[0]} (not installed): "
+            f"{INSTALL_HINT}"
+        ) from exc
+
+
+@functools.cache
+def _widget_class() -> Any:
+    """The anywidget class of the header and graph view, made on first use (lazy imports)."""
+    anywidget = _require("anywidget")
+    traitlets = _require("traitlets")
+
+    class DashboardWidget(anywidget.AnyWidget):  # type: ignore[name-defined]
+        """Header and task graph of one run; data from :mod:`nbindustria.panels`."""
+
+        _esm = ESM_PATH
+        state = traitlets.Dict().tag(sync=True)
+        details = traitlets.Dict().tag(sync=True)
+
+    return DashboardWidget
+
+
+# -- plotly figures (the same for the live widget and the report) ------------------------------
+
+
+_GRID = "rgba(128,128,128,0.22)"
+_ZERO = "rgba(128,128,128,0.40)"
+TIMELINE_RIGHT = 0.84  # the timeline's plot ends here; its legend (task names) sits to the right
+
+
+def _axis(**extra: Any) -> dict[str, Any]:
+    return {"gridcolor": _GRID, "zerolinecolor": _ZERO, "automargin": True, **extra}
+
+
+def _title(text: str, x: float, y: float, name: str) -> dict[str, Any]:
+    # Panel titles are annotations (one figure holds three charts); ``name`` keeps them apart.
+    return {"name": name, "text": text, "x": x, "y": y, "xref": "paper", "yref": "paper",
+            "xanchor": "left", "yanchor": "bottom", "showarrow": False,
+            "font": {"size": 13}}
+
+
+def _timeline_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
+    bars, running = data["bars"], data["running"]
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for bar in bars:
+        by_task.setdefault(bar["task"], []).append(bar)
+    traces: list[dict[str, Any]] = []
+    lines = len(bars) > LINES_ABOVE
+    failed_color = panels.STATE_COLORS[FAILED]
+    for task, group in by_task.items():
+        color = group[0]["color"]
+        # One offset group for every name: bars of one engine share its row.
+        common = {"name": task, "legendgroup": task, "xaxis": "x", "yaxis": "y",
+                  "offsetgroup": "timeline"}
+        if lines:  # one path per task name: cheap to draw however many tasks ran
+            xs: list[float | None] = []
+            ys: list[str | None] = []
+            for bar in group:
+                xs += [bar["start"], bar["end"], None]
+                ys += [bar["engine"], bar["engine"], None]
+            traces.append({"type": "scatter", "mode": "lines", **common, "x": xs, "y": ys,
+                           "line": {"color": color, "width": 12}, "hoverinfo": "name+y"})
+            continue
+        failed = [bar["state"] == FAILED for bar in group]
+        traces.append({
+            "type": "bar", "orientation": "h", **common,
+            "y": [bar["engine"] for bar in group],
+            "x": [max(bar["duration"], 1e-3) for bar in group],
+            "base": [bar["start"] for bar in group],
+            "customdata": [[bar["label"], panels.format_duration(bar["duration"]), bar["state"]]
+                           for bar in group],
+            "hovertemplate": "<b>%{customdata[0]}</b><br>%{y} · %{customdata[1]} · "
+            "%{customdata[2]}<br>started +%{base:.2f} s<extra></extra>",
+            "marker": {"color": color,
+                       "line": {"color": [failed_color if f else color for f in failed],
+                                "width": [2.5 if f else 0.5 for f in failed]}},
+            "width": 0.7,
+        })
+    if running:
+        traces.append({
+            "type": "bar", "orientation": "h", "name": "running", "legendgroup": "running",
+            "xaxis": "x", "yaxis": "y", "offsetgroup": "timeline",
+            "y": [bar["engine"] for bar in running],
+            "x": [max(bar["duration"], 1e-3) for bar in running],
+            "base": [bar["start"] for bar in running],
+            "customdata": [[bar["label"]] for bar in running],
+            "hovertemplate": "<b>%{customdata[0]}</b><br>%{y} · running<extra></extra>",
+            "marker": {"color": "rgba(59,130,246,0.25)",
+                       "line": {"color": panels.STATE_COLORS[RUNNING], "width": 1.5}},
+            "width": 0.7,
+        })
+    return traces
+
+
+def _memory_traces(data: dict[str, Any], scale: int) -> list[dict[str, Any]]:
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for point in data["points"]:
+        by_task.setdefault(point["task"], []).append(point)
+    return [
+        {
+            "type": "scatter", "mode": "markers", "name": task, "legendgroup": task,
+            "showlegend": False, "xaxis": "x2", "yaxis": "y2",
+            "x": [p["end"] for p in group],
+            "y": [p["peak_memory"] / scale for p in group],
+            "customdata": [[p["label"], p["engine"], panels.format_bytes(p["peak_memory"])]
+                           for p in group],
+            "hovertemplate": "<b>%{customdata[0]}</b><br>%{customdata[2]} on %{customdata[1]}"
+            "<extra></extra>",
+            "marker": {"color": group[0]["color"], "size": 7, "opacity": 0.85,
+                       "line": {"width": 0}},
+        }
+        for task, group in by_task.items()
+    ]
+
+
+def _cache_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
+    # One stacked bar per task name (hits, then ran, then failed), stacked by hand with ``base``:
+    # the figure's barmode is "group" for the timeline's sake.
+    tasks = data["tasks"]
+    names = [t["name"] for t in tasks]
+    hits = [t["hits"] for t in tasks]
+    runs = [t["runs"] for t in tasks]
+    saved = [panels.format_duration(t["saved"]) for t in tasks]
+    colors = panels.STATE_COLORS
+    common = {"type": "bar", "xaxis": "x3", "yaxis": "y3", "x": names, "legend": "legend2",
+              "offsetgroup": "cache", "width": 0.6}
+    return [
+        {**common, "name": "cache hits", "y": hits, "base": [0] * len(tasks),
+         "marker": {"color": colors[CACHED]}, "customdata": saved,
+         "hovertemplate": "%{x}: %{y} cache hits · saved %{customdata}<extra></extra>"},
+        {**common, "name": "ran", "y": runs, "base": hits,
+         "marker": {"color": colors[DONE]}, "hovertemplate": "%{x}: %{y} ran<extra></extra>"},
+        {**common, "name": "failed", "y": [t["failed"] for t in tasks],
+         "base": [h + r for h, r in zip(hits, runs, strict=True)],
+         "marker": {"color": colors[FAILED]},
+         "hovertemplate": "%{x}: %{y} failed<extra></extra>"},
+    ]
+
+
+def charts_figure(
+    timeline: dict[str, Any], memory: dict[str, Any], cache: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Traces and layout of the three charts, as one plotly figure.
+
+    Top, full width: the timeline (a row per engine, a bar per executed task, coloured by task
+    name). Below, side by side: peak memory per task over time (with the engines' memory limit),
+    and cache hits vs runs per task name with the time the hits saved. One figure, because every
+    ``FigureWidget`` carries plotly.js (5 MB) into the notebook's saved widget state.
+    """
+    engines = timeline["engines"]
+    n_bars = len(timeline["bars"])
+    top_h = min(460, 56 + 34 * max(len(engines), 2))  # px of the timeline's plot area
+    bottom_h, gap, margin_t, margin_b = 210, 92, 34, 46
+    height = margin_t + top_h + gap + bottom_h + margin_b
+    plot_h = height - margin_t - margin_b
+    bottom_top = bottom_h / plot_h
+    top_bottom = (bottom_h + gap) / plot_h
+    highest = max([p["peak_memory"] or 0 for p in memory["points"]] + [1])
+    # The engines' memory limit is drawn when it is in sight (within 3x the highest peak);
+    # far above, the title names it instead of squashing every point to the bottom.
+    limit = memory["limit"]
+    limit_shown = bool(limit) and limit <= 3 * highest
+    peak = max(highest, limit if limit_shown else 0)
+    unit, scale = ("GiB", 2**30) if peak >= 2 * 2**30 else ("MiB", 2**20)
+    total = cache["total"]
+    traces = _timeline_traces(timeline) + _memory_traces(memory, scale) + _cache_traces(cache)
+    title_pad = 14 / plot_h
+    annotations = [
+        _title(f"<b>Timeline</b> · {n_bars} task{'s' if n_bars != 1 else ''} ran on "
+               f"{len(engines)} engine{'s' if len(engines) != 1 else ''}", 0, 1 + title_pad,
+               "timeline"),
+        _title("<b>Peak memory</b> per task" + (
+            f" · engine limit {panels.format_bytes(limit)}" if limit and not limit_shown else ""),
+            0, bottom_top + title_pad, "memory"),
+        _title(f"<b>Cache</b> · {total['hits']} hits, {total['runs']} ran · "
+               f"{panels.format_duration(total['saved'])} saved", 0.56, bottom_top + title_pad,
+               "cache"),
+    ]
+    shapes: list[dict[str, Any]] = []
+    if limit_shown:
+        level = limit / scale
+        shapes.append({"type": "line", "xref": "x2 domain", "yref": "y2", "x0": 0, "x1": 1,
+                       "y0": level, "y1": level, "name": "limit",
+                       "line": {"color": panels.STATE_COLORS[FAILED], "width": 1.5,
+                                "dash": "dash"}})
+        annotations.append({"name": "limit", "xref": "x2 domain", "yref": "y2", "x": 1,
+                            "y": level, "xanchor": "right", "yanchor": "bottom",
+                            "showarrow": False, "font": {"size": 10},
+                            "text": f"engine limit {panels.format_bytes(limit)}"})
+    layout = {
+        "height": height,
+        "margin": {"l": 60, "r": 12, "t": margin_t, "b": margin_b},
+        "paper_bgcolor": "rgba(0,0,0,0)",
+        "plot_bgcolor": "rgba(0,0,0,0)",
+        "font": {"family": FONT, "size": 11, "color": "#6b7280"},
+        "hoverlabel": {"font": {"family": FONT, "size": 11}},
+        "barmode": "group",  # the cache's bars side by side (the timeline has one offset group)
+        "bargap": 0.25,
+        "showlegend": True,
+        "legend": {"x": TIMELINE_RIGHT + 0.02, "y": 1, "yanchor": "top", "xanchor": "left",
+                   "bgcolor": "rgba(0,0,0,0)", "title": {"text": "task"},
+                   "tracegroupgap": 2, "font": {"size": 11}},
+        "legend2": {"orientation": "h", "x": 1, "xanchor": "right", "y": -0.09,
+                    "yanchor": "top", "bgcolor": "rgba(0,0,0,0)", "font": {"size": 11}},
+        "xaxis": _axis(domain=[0, TIMELINE_RIGHT], anchor="y", rangemode="tozero",
+                       title={"text": "seconds since the run started", "standoff": 4}),
+        "yaxis": _axis(domain=[top_bottom, 1], anchor="x", type="category",
+                       categoryorder="array", categoryarray=engines, autorange="reversed",
+                       showgrid=False),
+        "xaxis2": _axis(domain=[0, 0.44], anchor="y2", rangemode="tozero",
+                        title={"text": "finished at (s)", "standoff": 4}),
+        "yaxis2": _axis(domain=[0, bottom_top], anchor="x2", rangemode="tozero",
+                        range=[0, 1.08 * peak / scale] if limit_shown else None,
+                        autorange=not limit_shown, title={"text": f"peak ({unit})", "standoff": 4}),
+        "xaxis3": _axis(domain=[0.56, 1], anchor="y3", type="category"),
+        "yaxis3": _axis(domain=[0, bottom_top], anchor="x3", rangemode="tozero",
+                        title={"text": "tasks", "standoff": 4}),
+        "annotations": annotations,
+        "shapes": shapes,
+    }
+    return traces, layout
+
+
+class _FigureSync:
+    """Brings a FigureWidget to new traces and layout, sending only what changed.
+
+    plotly validates every property it is given, which costs more than computing the panels;
+    comparing plain dicts with the last ones sent is cheap, so unchanged traces and layout keys
+    are skipped.
+    """
+
+    def __init__(self, fig: Any) -> None:
+        self.fig = fig
+        self.traces: list[dict[str, Any]] = []
+        self.layout: dict[str, Any] = {}
+
+    def __call__(self, traces: list[dict[str, Any]], layout: dict[str, Any]) -> None:
+        fig = self.fig
+        shape = [(t["type"], t["name"], t.get("xaxis")) for t in traces]
+        if shape != [(t["type"], t["name"], t.get("xaxis")) for t in self.traces]:
+            with fig.batch_update():  # traces came or went (a new task name): replace them all
+                fig.data = []
+            fig.add_traces([dict(t) for t in traces])
+        else:
+            changed = [(i, t) for i, (t, old) in enumerate(zip(traces, self.traces, strict=True))
+                       if t != old]
+            if changed:
+                with fig.batch_update():
+                    for i, trace in changed:
+                        fig.data[i].update({k: v for k, v in trace.items() if k != "type"})
+        delta = {k: v for k, v in layout.items() if self.layout.get(k) != v}
+        if delta:
+            with fig.batch_update():
+                fig.layout.update(delta)
+        self.traces, self.layout = traces, layout
+
+
+# -- the live dashboard ------------------------------------------------------------------------
+
+
+def _last_run_start(log: EventLog) -> int:
+    """Index of the last run-start event in ``log`` (0 if none): where "the last run" begins."""
+    start = 0
+    for event in log.since(0):
+        if event.kind == RUN_START:
+            start = event.index
+    return start
+
+
+class Dashboard:
+    """The live view of one run of a pipeline, read from its :class:`EventLog`.
+
+    Parameters
+    ----------
+    log
+        The run's event log (``pipe.events``).
+    start
+        Which run: ``"last"`` (default) the last run in the log, or the next one if the log
+        holds none; ``"next"`` the next run to start (for a dashboard shown just before a run);
+        or the log index the run starts at.
+    interval
+        Seconds between refreshes while the run goes on (longer when a refresh is expensive).
+    live
+        Follow the run in a background thread. ``False``: show the log as it is (``refresh()``
+        to update).
+
+    The dashboard follows one run: it stops at that run's ``run-end`` event (or at the start of
+    another run), after a last refresh, so that it stays in the notebook as the record of its run.
+
+    The header and graph show at once; a live dashboard makes its charts in its thread (plotly's
+    widget costs seconds to import and to load in the browser) and adds them when they are ready,
+    so a run is never held up by them.
+
+    Attributes
+    ----------
+    widget
+        What to display: an ipywidgets ``VBox`` (``display(dashboard)`` shows it too).
+    graph_widget
+        The header and graph (an anywidget); its ``state`` and ``details`` traits hold the data.
+    charts
+        The plotly ``FigureWidget`` of the timeline, memory and cache charts (``None`` until made).
+    view
+        The :class:`panels.RunView` the panels are computed from.
+    """
+
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        start: int | Literal["last", "next"] = "last",
+        interval: float = INTERVAL,
+        live: bool = True,
+    ) -> None:
+        widgets = _require("ipywidgets")
+        _require("anywidget")  # plotly's FigureWidget needs it too, and would not say how to get it
+        _require("plotly")  # cheap; plotly.graph_objects' FigureWidget is the costly part
+        self.log = log
+        self.interval = interval
+        self.view = panels.RunView()
+        if start == "last":
+            self._next = _last_run_start(log)
+        elif start == "next":
+            self._next = log.next_index
+        elif isinstance(start, int) and not isinstance(start, bool):
+            self._next = start
+        else:
+            raise ValueError(f"'start' must be 'last', 'next' or a log index (got {start!r})")
+        self._seen_start = False
+        self._finished = False
+        self._pushed: tuple[int, int] = (-1, -1)
+        self._lock = threading.Lock()  # one sync at a time
+        self._charts_lock = threading.Lock()  # one maker of the charts
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._charts_thread: threading.Thread | None = None
+        self.charts: Any = None
+        self._sync_charts: _FigureSync | None = None
+
+        self.graph_widget = _widget_class()()
+        self.widget = widgets.VBox([self.graph_widget], layout=widgets.Layout(width="100%"))
+        self.widget.add_class("nbi-dashboard")
+        self._sync(force=True)
+        if live and not self._finished:
+            self._thread = threading.Thread(
+                target=self._follow, name="nbindustria-dashboard", daemon=True
+            )
+            self._charts_thread = threading.Thread(
+                target=self._make_charts_quietly, name="nbindustria-dashboard-charts", daemon=True
+            )
+            self._thread.start()
+            self._charts_thread.start()
+        else:
+            self.refresh()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    @property
+    def finished(self) -> bool:
+        """True once the followed run has ended (the view no longer changes)."""
+        return self._finished
+
+    def refresh(self) -> None:
+        """Read new events and push every panel now, the charts included (e.g. at the end of a
+        run, so that a notebook saved with widget state holds the final counts)."""
+        self._make_charts()
+        self._sync(force=True)
+        with self._lock:
+            self._snapshot_charts()
+
+    def _snapshot_charts(self) -> None:
+        """Put the charts' current data into their synced traits.
+
+        plotly sends live edits as restyle/relayout messages and keeps its ``_widget_data`` and
+        ``_widget_layout`` traits as they were when the figure was shown; a notebook saved with
+        widget state would reopen on the charts of the run's first second. plotly's own
+        ``_repr_mimebundle_`` re-assigns them the same way before display.
+        """
+        charts = self.charts
+        if charts is None:
+            return
+        with contextlib.suppress(AttributeError):  # plotly internals; if renamed, skip quietly
+            charts._widget_layout = copy.deepcopy(charts._layout_obj._props)
+            charts._widget_data = copy.deepcopy(charts._data)
+
+    def _make_charts(self) -> None:
+        """Make the chart widget and add it to the dashboard (once)."""
+        with self._charts_lock:
+            if self.charts is not None:
+                return
+            # Slow (plotly's widget imports nbformat, jsonschema, ...): not under the sync lock,
+            # so the header and graph keep following the run meanwhile.
+            go = _require("plotly.graph_objects")
+            widgets = _require("ipywidgets")
+            charts = go.FigureWidget()
+            charts._config = {"displaylogo": False, "responsive": True}
+            box = widgets.Box([charts], layout=widgets.Layout(margin="10px 0 0 0"))
+            box.add_class("nbi-chart")
+            with self._lock:
+                self._sync_charts = _FigureSync(charts)
+                self._sync_charts(*self._chart_data())
+                self.charts = charts
+                self.widget.children = (*self.widget.children, box)
+
+    def _make_charts_quietly(self) -> None:
+        # In the background a failure has nobody to tell: refresh() makes the charts again in
+        # the caller's thread, where the error shows.
+        with contextlib.suppress(Exception):
+            self._make_charts()
+
+    def close(self) -> None:
+        """Stop following the log. The widgets stay, showing the last state."""
+        self._stop.set()
+        for thread in (self._thread, self._charts_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=5)
+        self._thread = self._charts_thread = None
+
+    def _follow(self) -> None:
+        wait = self.interval
+        while not self._finished and not self._stop.wait(wait):
+            wait = max(self.interval, COST_FACTOR * self._sync())
+        if self._finished:  # the run ended: a last, complete refresh (charts and saved state)
+            with contextlib.suppress(Exception):  # refresh() again in the caller's thread shows it
+                self.refresh()
+
+    def _ingest(self, events: Iterable[Event]) -> None:
+        """Feed the view the events of the run it follows; note when that run is over."""
+        for event in events:
+            if event.kind == RUN_START:
+                if self._seen_start:  # another run began: this dashboard is its predecessor's
+                    self._finished = True
+                    return
+                self._seen_start = True
+            self.view.update((event,))
+            if event.kind == RUN_END:
+                self._finished = True
+                return
+
+    def _sync(self, force: bool = False) -> float:
+        """Read new events and push what changed; returns the seconds it worked (not counting
+        a wait for the lock, which the chart maker may hold for a while)."""
+        with self._lock:
+            began = time.perf_counter()
+            if not self._finished:
+                events = self.log.since(self._next)
+                if events:
+                    self._next = events[-1].index + 1
+                    self._ingest(events)
+            stamp = (self.view.version, self.view.structure_version)
+            if stamp != self._pushed or force:
+                self._pushed = stamp
+                self._push()
+            return time.perf_counter() - began
+
+    def _push(self) -> None:
+        view = self.view
+        now = time.time()
+        graph = panels.graph(view)
+        state = {"header": panels.header(view, now=now), "graph": graph}
+        details = panels.details(view, panels.graph_node_ids(graph))
+        with self.graph_widget.hold_sync():
+            self.graph_widget.state = state
+            self.graph_widget.details = details
+        if self._sync_charts is not None:
+            self._sync_charts(*self._chart_data(now))
+
+    def _chart_data(self, now: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        view = self.view
+        return charts_figure(panels.timeline(view, now=now or time.time()), panels.memory(view),
+                             panels.cache_stats(view))
+
+
+# -- the standalone report ---------------------------------------------------------------------
+
+
+def _dashboard_css() -> str:
+    """The widget's own CSS, read from the ES module, so the report looks like the widget."""
+    source = ESM_PATH.read_text(encoding="utf-8")
+    match = re.search(r"const CSS = `(.*?)`;", source, re.S)
+    return match.group(1) if match else ""
+
+
+# JupyterLab's variables the CSS reads, for a page outside JupyterLab: light, or dark when the
+# reader's system prefers it.
+_REPORT_VARS = """
+:root { --jp-layout-color0: #ffffff; --jp-layout-color1: #ffffff; --jp-layout-color2: #f3f4f6;
+  --jp-ui-font-color0: #111827; --jp-ui-font-color1: #1f2328; --jp-ui-font-color2: #57606a;
+  --jp-ui-font-color3: #8c959f; --jp-border-color2: #d8dee4; --jp-brand-color1: #1976d2;
+  --jp-error-color1: #d32f2f; --jp-cell-editor-background: #f6f8fa; }
+@media (prefers-color-scheme: dark) {
+  :root { --jp-layout-color0: #0d1117; --jp-layout-color1: #161b22; --jp-layout-color2: #21262d;
+    --jp-ui-font-color0: #f0f6fc; --jp-ui-font-color1: #e6edf3; --jp-ui-font-color2: #9da7b3;
+    --jp-ui-font-color3: #7d8590; --jp-border-color2: #30363d; --jp-brand-color1: #58a6ff;
+    --jp-error-color1: #ff7b72; --jp-cell-editor-background: #0d1117; } }
+body { margin: 0; padding: 24px; background: var(--jp-layout-color0); }
+.nbi-report { max-width: 1280px; margin: 0 auto; }
+.nbi-report .nbi-chart { margin-top: 10px; }
+.nbi-report footer { color: var(--jp-ui-font-color3); font: 11px system-ui, sans-serif; margin-top: 12px; }
+"""
+
+_REPORT_SCRIPT = """
+(function () {
+  var details = JSON.parse(document.getElementById("nbi-details").textContent);
+  var drawer = document.querySelector(".nbi-drawer");
+  var svg = document.querySelector(".nbi-svg");
+  function esc(t) { var d = document.createElement("div"); d.textContent = t; return d.innerHTML; }
+  function show(id) {
+    var nodes = svg.querySelectorAll(".nbi-node");
+    for (var i = 0; i < nodes.length; i++) nodes[i].classList.toggle("selected", nodes[i].dataset.id === id);
+    var d = id && details[id];
+    document.querySelector(".nbi-graph").classList.toggle("has-drawer", !!d);
+    if (!d) { drawer.classList.remove("open"); drawer.innerHTML = ""; return; }
+    var html = '<h4><span class="nbi-label">' + esc(d.label) + '</span><button class="nbi-close" type="button">✕</button></h4>';
+    html += '<span class="nbi-state" style="background:' + d.color + '">' + esc(d.state_label) + "</span>";
+    var rows = "";
+    d.rows.forEach(function (r) { rows += '<span class="nbi-k">' + esc(r[0]) + '</span><span class="nbi-v">' + esc(r[1]) + "</span>"; });
+    if (d.why) html += '<p class="nbi-why' + (d.state === "failed" ? " nbi-error" : "") + '">' + esc(d.why) + "</p>";
+    if (d.traceback) html += '<pre class="nbi-tb">' + esc(d.traceback) + "</pre>";
+    html += '<div class="nbi-rows">' + rows + "</div>";
+    drawer.innerHTML = html;
+    drawer.classList.add("open");
+    drawer.querySelector(".nbi-close").onclick = function () { show(null); };
+  }
+  svg.addEventListener("click", function (e) {
+    var node = e.target.closest(".nbi-node");
+    show(node ? node.dataset.id : null);
+  });
+})();
+"""
+
+
+def _header_html(h: dict[str, Any]) -> str:
+    e = html.escape
+    colors, labels = h["colors"], h["labels"]
+    engines = h["engines"] or (f"{h['n_engines']} engine{'s' if h['n_engines'] != 1 else ''}"
+                               if h["n_engines"] is not None else "")
+    meta = " · ".join(part for part in (
+        f"run <b>{e(str(h['run']))}</b>" if h["run"] is not None else "",
+        e(engines),
+        "<b>dry run</b>" if h["dryrun"] else "",
+    ) if part)
+    status = {"failed": f"finished · {h['counts']['failed']} failed"}.get(h["status"], h["status"])
+    status_color = {"running": colors["running"], "finished": colors["done"],
+                    "failed": colors["failed"], "interrupted": colors["skipped"]
+                    }.get(h["status"], colors["added"])
+
+    def bar(counts: dict[str, int], total: int, small: bool) -> str:
+        segments = "".join(
+            f'<span style="width:{100 * n / total:.3f}%;background:{colors[s]}" '
+            f'title="{n} {s}"></span>'
+            for s, n in counts.items() if n and s != ADDED and total
+        )
+        return f'<div class="nbi-bar{" small" if small else ""}">{segments}</div>'
+
+    counts = "".join(
+        f'<span class="nbi-count{"" if n else " zero"}" data-state="{s}">'
+        f'<span class="nbi-swatch" style="background:{colors[s]}"></span>{e(labels[s])} <b>{n}</b>'
+        f"</span>"
+        for s, n in h["counts"].items()
+    )
+    tasks = "".join(
+        f'<div class="nbi-task" data-task="{e(t["name"])}"><span class="nbi-task-name" '
+        f'title="{e(t["name"])}"><span class="nbi-swatch" style="background:{t["color"]}"></span>'
+        f'{e(t["name"])}</span>{bar(t["counts"], t["total"], True)}'
+        f'<span class="nbi-task-frac">{t["finished"]}/{t["total"]}</span></div>'
+        for t in h["tasks"]
+    )
+    return (
+        f'<div class="nbi-head"><div class="nbi-top"><span class="nbi-name">{e(h["pipeline"])}'
+        f'</span><span class="nbi-meta">{meta}</span><span class="nbi-spacer"></span>'
+        f'<span class="nbi-pill {h["status"]}" style="color:{status_color}">{e(status)}</span>'
+        f'<span class="nbi-elapsed">elapsed <b>{e(_elapsed(h["elapsed"]))}</b></span></div>'
+        f'<div class="nbi-overall">{bar(h["counts"], h["total"], False)}<span class="nbi-frac">'
+        f'<b>{h["finished"]}</b> / {h["total"]} tasks · {int(100 * h["progress"])}%</span></div>'
+        f'<div class="nbi-counts">{counts}</div>'
+        + (f'<div class="nbi-tasks">{tasks}</div>' if tasks else "")
+        + "</div>"
+    )
+
+
+def _elapsed(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else panels.format_duration(seconds)
+
+
+def graph_svg(graph: dict[str, Any]) -> str:
+    """The task graph as inline SVG (as js/dashboard.js draws it, groups collapsed)."""
+    e = html.escape
+    nodes = graph["nodes"]
+    if not nodes:
+        return '<div class="nbi-empty">No tasks.</div>'
+    colors = graph["state_colors"]
+    width = 2 * PAD + (graph["columns"] - 1) * PITCH_X + NODE_W
+    height = 2 * PAD + (graph["rows"] - 1) * PITCH_Y + NODE_H + 6
+    xy = {n["id"]: (PAD + n["col"] * PITCH_X, PAD + n["row"] * PITCH_Y) for n in nodes}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="nbi-svg" viewBox="0 0 {width} '
+             f'{height}" width="{width}" style="width:100%;max-width:{width}px;min-width:'
+             f'{round(width * 0.62)}px" role="img" aria-label="task graph"><g class="nbi-edges">']
+    for source, target in graph["edges"]:
+        (ax, ay), (bx, by) = xy[source], xy[target]
+        x1, y1, x2, y2 = ax + NODE_W, ay + NODE_H / 2, bx, by + NODE_H / 2
+        dx = max(24, abs(x2 - x1) / 2)
+        parts.append(f'<path class="nbi-edge" d="M{x1},{y1} C{x1 + dx},{y1} {x2 - dx},{y2} '
+                     f'{x2},{y2}"/>')
+    parts.append('</g><g class="nbi-nodes">')
+    for n in nodes:
+        x, y = xy[n["id"]]
+        color = colors.get(n["state"], colors[ADDED])
+        attrs = (f'data-id="{e(n["id"])}" data-state="{n["state"]}" data-task="{e(n["task"])}"')
+        if n["group"]:
+            counts = ", ".join(f"{c} {s}" for s, c in n["counts"].items() if c)
+            label = f'<tspan class="name">{e(_fit(n["task"], NODE_W - 52, 7.2))}</tspan>'
+            bar, bx = [], x + 6.0
+            for s, c in n["counts"].items():
+                if c:
+                    w = (NODE_W - 12) * c / n["count"]
+                    bar.append(f'<rect x="{bx:.1f}" y="{y + NODE_H - 5}" width="{w:.1f}" '
+                               f'height="3" fill="{colors[s]}"/>')
+                    bx += w
+            parts.append(
+                f'<g class="nbi-node group" {attrs} data-count="{n["count"]}"><title>'
+                f'{e(n["label"])}: {e(counts)}</title>'
+                f'<rect x="{x + 6}" y="{y - 6}" width="{NODE_W}" height="{NODE_H}" rx="5" '
+                f'fill="{color}" fill-opacity=".10" stroke="{color}" stroke-opacity=".45"/>'
+                f'<rect x="{x + 3}" y="{y - 3}" width="{NODE_W}" height="{NODE_H}" rx="5" '
+                f'fill="var(--jp-layout-color1)" stroke="{color}" stroke-opacity=".7"/>'
+                f'<rect class="box" x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="5" '
+                f'fill="var(--jp-layout-color1)" stroke="{color}"/>'
+                f'<rect x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="5" fill="{color}" '
+                f'fill-opacity=".16" pointer-events="none"/>'
+                f'<text class="label" x="{x + 8}" y="{y + NODE_H / 2 - 2}">{label}</text>'
+                f'<text class="count" x="{x + NODE_W - 7}" y="{y + NODE_H / 2 - 2}">'
+                f'\u00d7{n["count"]}</text>{"".join(bar)}</g>'
+            )
+        else:
+            opacity = ".30" if n["state"] == FAILED else ".16"
+            parts.append(
+                f'<g class="nbi-node" {attrs}><title>{e(n["label"])} — {n["state"]}</title>'
+                f'<rect class="box" x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="5" '
+                f'fill="var(--jp-layout-color1)" stroke="{color}"/>'
+                f'<rect x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="5" fill="{color}" '
+                f'fill-opacity="{opacity}" pointer-events="none"/>'
+                f'<rect x="{x}" y="{y}" width="4" height="{NODE_H}" rx="2" fill="{color}" '
+                f'pointer-events="none"/><text class="label" x="{x + 10}" y="{y + NODE_H / 2}">'
+                f'{_node_label(n["task"], n["args"], NODE_W - 17)}</text></g>'
+            )
+    parts.append("</g></svg>")
+    return "".join(parts)
+
+
+def _fit(text: str, width: float, char_width: float) -> str:
+    limit = max(3, int(width // char_width))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _node_label(name: str, args: str, width: float) -> str:
+    """As nodeLabel in js/dashboard.js, with average character widths instead of measuring."""
+    shown = _fit(name, width, 7.2)
+    rest = width - 7.2 * (len(shown) + 1)
+    label = f'<tspan class="name">{html.escape(shown)}</tspan>'
+    if args and shown == name and rest > 14:
+        label += f'<tspan class="args"> {html.escape(_fit(args, rest, 6.4))}</tspan>'
+    return label
+
+
+def write_report(events: EventLog | Iterable[Event], path: str | Path,
+                 title: str | None = None) -> Path:
+    """Write the dashboard of the last run in ``events`` as one standalone HTML file.
+
+    Everything is inside the file (plotly.js inlined, the graph as inline SVG, a few lines of
+    script for node details), so it opens on a machine with no internet. Returns the path.
+    """
+    go = _require("plotly.graph_objects")
+    if isinstance(events, EventLog):
+        events = events.since(0)
+    view = panels.run_view(events)
+    h = panels.header(view)
+    graph = panels.graph(view)
+    details = panels.details(view, panels.graph_node_ids(graph))
+    for d in details.values():  # what the report's script needs beyond the widget's data
+        d["color"] = panels.STATE_COLORS.get(d["state"], "#888")
+        d["state_label"] = panels.STATE_LABELS.get(d["state"], d["state"])
+    legend = "".join(
+        f'<span><span class="nbi-swatch" style="background:{panels.STATE_COLORS[s]}"></span>'
+        f"{panels.STATE_LABELS[s]}</span>"
+        for s in panels.STATE_ORDER
+    )
+    traces, layout = charts_figure(panels.timeline(view), panels.memory(view),
+                                   panels.cache_stats(view))
+    charts_html = go.Figure(data=traces, layout=layout).to_html(
+        full_html=False, include_plotlyjs=True, div_id="nbi-charts",
+        config={"displaylogo": False, "responsive": True})
+    details_json = json.dumps(details).replace("</", "<\\/")
+    name = title or f"{h['pipeline']}" + (f" · run {h['run']}" if h["run"] is not None else "")
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(h["started"] or time.time()))
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(name)} · nbindustria</title>
+<style>{_REPORT_VARS}{_dashboard_css()}</style></head>
+<body><div class="nbi-report nbi-dashboard">
+<div class="nbi-dash">{_header_html(h)}
+<div class="nbi-graph"><div class="nbi-toolbar"><span class="nbi-title">Task graph</span>
+<span class="nbi-legend">{legend}</span><span class="nbi-spacer"></span>
+<span class="nbi-hint">click a node for details</span></div>
+<div class="nbi-scroll">{graph_svg(graph)}</div><div class="nbi-drawer"></div></div></div>
+<div class="nbi-chart">{charts_html}</div>
+<footer>nbindustria run report · started {html.escape(stamp)}</footer></div>
+<script type="application/json" id="nbi-details">{details_json}</script>
+<script>{_REPORT_SCRIPT}</script>
+</body></html>
+"""
+    target = Path(path)
+    target.write_text(page, encoding="utf-8")
+    return target

@@ -1,0 +1,63 @@
+"""The benchmarks still run: each one with --quick (tiny sizes) in its own interpreter.
+
+Speed goals are checked by the benchmarks themselves (benchmarks/RESULTS.md), never here: these
+tests only keep the scripts from rotting when the package changes, so they assert that each
+script exits 0 and prints its table and its ratio lines, and nothing about the numbers. The
+four scripts start together (most of their time is waiting for imports and fsync), so the
+whole module takes about as long as the slowest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("joblib")  # the benchmarks compare with it (the "bench" extra)
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+NAMES = ["cached_rerun", "hash_array", "load_array", "write_entries"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[int, str, Path]]]:
+    """Start every benchmark with --quick at once; {name: (exit code, output, json path)}."""
+    tmp = tmp_path_factory.mktemp("benchmarks")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    procs = {}
+    for name in NAMES:
+        out = tmp / f"{name}.json"
+        procs[name] = (subprocess.Popen(
+            [sys.executable, str(BENCHMARKS / f"bench_{name}.py"), "--quick", "--json",
+             str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
+            env=env), out)
+    results = {}
+    try:
+        for name, (proc, out) in procs.items():
+            output, _ = proc.communicate(timeout=120)
+            results[name] = (proc.returncode, output, out)
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    yield results
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_benchmark_runs_quick(name: str, runs: dict[str, tuple[int, str, Path]]) -> None:
+    code, output, out = runs[name]
+    assert code == 0, output
+    ratio_lines = [line for line in output.splitlines() if line.startswith("ratio: ")]
+    assert ratio_lines, output
+    assert all(("MET" in line or "context" in line) for line in ratio_lines), ratio_lines
+    assert "median" in output  # the table's header
+    data = json.loads(out.read_text())
+    assert data["rows"] and data["ratios"]
+    assert any(q["headline"] and q["goal"] is not None for q in data["ratios"])
+    assert "(kept " not in output  # each script removes its scratch directory in /tmp

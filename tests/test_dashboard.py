@@ -1,0 +1,228 @@
+"""The dashboard widget and the standalone report, built from a synthetic run (no kernel)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("anywidget")
+pytest.importorskip("plotly")
+
+from browser.synthetic import ERROR, FAILING, replay_in_thread, synthetic_events, synthetic_log
+
+from nbindustria import dashboard as dashboard_module
+from nbindustria import panels
+from nbindustria.dashboard import Dashboard, write_report
+from nbindustria.events import RUN_START, Event, EventLog
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TASKS = 60
+EXPECTED = {"done": 49, "cached": 7, "failed": 1, "skipped": 3}
+
+
+def executed_bars(fig) -> int:
+    return sum(len(t.x) for t in fig.data
+               if t.type == "bar" and t.xaxis == "x" and t.name != "running")
+
+
+@pytest.fixture
+def finished():
+    dash = Dashboard(synthetic_log(), live=False)
+    yield dash
+    dash.close()
+
+
+def test_widget_state_holds_the_run(finished):
+    state = finished.graph_widget.state
+    header, graph = state["header"], state["graph"]
+    assert header["pipeline"] == "sales-forecast" and header["status"] == "failed"
+    assert header["total"] == N_TASKS and header["finished"] == N_TASKS
+    assert {k: v for k, v in header["counts"].items() if v} == EXPECTED
+    assert [t["name"] for t in header["tasks"]] == ["load", "clean", "features", "fit",
+                                                    "evaluate", "summary", "report"]
+    assert len(graph["nodes"]) == N_TASKS and not graph["grouped"]
+    states = [n["state"] for n in graph["nodes"]]
+    assert {s: states.count(s) for s in set(states)} == EXPECTED
+    failed = next(n for n in graph["nodes"] if n["state"] == "failed")
+    assert failed["label"] == FAILING
+    details = finished.graph_widget.details[failed["id"]]
+    assert details["error"] == ERROR and "Traceback (most recent call last)" in details["traceback"]
+    assert len(finished.graph_widget.details) == N_TASKS + 0  # no groups at this size
+
+
+def test_charts_hold_one_bar_per_executed_task(finished):
+    charts = finished.charts
+    assert executed_bars(charts) == EXPECTED["done"] + EXPECTED["failed"]
+    timeline = [t for t in charts.data if t.xaxis == "x"]
+    assert {t.name for t in timeline} == {"features", "fit", "evaluate", "summary"}
+    assert {y for t in timeline for y in t.y} == {"engine 0", "engine 1"}
+    assert sum(len(t.x) for t in charts.data if t.xaxis == "x2") == 50  # memory points
+    cache = {t.name: t for t in charts.data if t.xaxis == "x3"}
+    assert sum(cache["cache hits"].y) == 7 and sum(cache["ran"].y) == 49
+    assert sum(cache["failed"].y) == 1
+    titles = {a.name: a.text for a in charts.layout.annotations}
+    assert titles["timeline"].startswith("<b>Timeline</b> · 50 tasks ran on 2 engines")
+    assert "saved" in titles["cache"]
+    assert charts.layout.shapes[0].y0 == pytest.approx(4.0)  # the 4 GiB engine limit
+
+
+def test_only_changed_traces_are_sent(finished):
+    sync = finished._sync_charts
+    sent = []
+    original = finished.charts.data[0].update
+    finished.charts.data[0].update = lambda *a, **k: sent.append(a) or original(*a, **k)
+    sync(list(sync.traces), dict(sync.layout))  # the same again: nothing to send
+    assert sent == []
+
+
+def test_widget_tree_and_module():
+    dash = Dashboard(EventLog(), live=False)
+    assert dash.widget.children[0] is dash.graph_widget
+    assert "nbi-dashboard" in dash.widget._dom_classes
+    assert dash.graph_widget.state["header"]["status"] == "waiting"
+    esm = dash.graph_widget._esm
+    assert "export default" in esm and "render(" in esm
+    bundle = dash._repr_mimebundle_()
+    data = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert "application/vnd.jupyter.widget-view+json" in data
+
+
+def test_static_copy_is_the_source_and_geometry_matches():
+    source = (ROOT / "js" / "dashboard.js").read_text()
+    assert (ROOT / "nbindustria" / "static" / "dashboard.js").read_text() == source
+    for name in ("NODE_W", "NODE_H", "PITCH_X", "PITCH_Y", "PAD"):
+        js_value = int(re.search(rf"const {name} = (\d+);", source).group(1))
+        assert js_value == getattr(dashboard_module, name), name
+
+
+def test_follows_a_live_run_and_stops_at_its_end():
+    log = EventLog()
+    dash = Dashboard(log, interval=0.05)
+    try:
+        assert dash._thread is not None and dash._thread.is_alive()
+        dash._charts_thread.join(30)  # the charts are made meanwhile, in their own thread
+        assert dash.charts is not None and len(dash.widget.children) == 2
+        assert not log._subscribers  # nothing runs in the emitting thread but the append
+        replay_in_thread(log, synthetic_events(), seconds=0.6)
+        seen_running = False
+        deadline = time.monotonic() + 10
+        while not dash.finished and time.monotonic() < deadline:
+            seen_running |= dash.graph_widget.state["header"]["status"] == "running"
+            time.sleep(0.02)
+        assert dash.finished and seen_running
+        dash._thread.join(10)
+        assert not dash._thread.is_alive()
+        # The thread's last refresh put the final charts into the synced (saved) state too.
+        assert executed_bars(dash.charts) == 50
+        assert sum(len(t["x"]) for t in dash.charts._widget_data
+                   if t["type"] == "bar" and t["xaxis"] == "x") == 50
+        header = dash.graph_widget.state["header"]
+        assert {k: v for k, v in header["counts"].items() if v} == EXPECTED
+        # A later run in the same log does not change this dashboard: it is its run's record.
+        log.extend(synthetic_events(all_cached=True))
+        dash.refresh()
+        assert dash.graph_widget.state["header"]["run"] == 1
+    finally:
+        dash.close()
+
+
+def test_default_is_the_last_run_and_start_pins_one():
+    log = synthetic_log()
+    second_start = log.next_index
+    log.extend(synthetic_events(all_cached=True))
+    last = Dashboard(log, live=False)
+    assert last.graph_widget.state["header"]["run"] == 2
+    assert last.graph_widget.state["header"]["counts"]["cached"] == 56
+    assert last.finished
+    first = Dashboard(log, start=0, live=False)
+    assert first.graph_widget.state["header"]["run"] == 1
+    assert first.finished
+    assert Dashboard(log, start=second_start, live=False).graph_widget.state["header"]["run"] == 2
+    upcoming = Dashboard(log, start="next", live=False)
+    assert upcoming.graph_widget.state["header"]["status"] == "waiting" and not upcoming.finished
+    log.extend(synthetic_events(all_cached=True))
+    upcoming.refresh()
+    assert upcoming.graph_widget.state["header"]["run"] == 2 and upcoming.finished
+    with pytest.raises(ValueError, match="'start' must be"):
+        Dashboard(log, start="first", live=False)  # type: ignore[arg-type]
+
+
+def test_refresh_pushes_new_events_and_close_stops():
+    log = EventLog()
+    dash = Dashboard(log, interval=30)  # the thread would wait 30 s: refresh() does the work
+    log.append(Event(RUN_START, info={"pipeline": "p"}))
+    log.append(Event("added", node="a", task="t", label="t()"))
+    dash.refresh()
+    assert dash.graph_widget.state["header"]["total"] == 1
+    began = time.monotonic()
+    dash.close()
+    assert time.monotonic() - began < 2 and dash._thread is None
+
+
+def test_report_is_standalone(tmp_path):
+    path = write_report(synthetic_log(), tmp_path / "run.html")
+    text = path.read_text(encoding="utf-8")
+    assert path.stat().st_size > 1_000_000  # plotly.js is inside
+    assert "plotly.js v" in text or "Plotly" in text
+    assert not re.search(r"<script[^>]+src=[\"']?https?:", text)
+    assert not re.search(r"<link[^>]+href=[\"']?https?:", text)
+    assert len(re.findall(r'<g class="nbi-node[ "]', text)) == N_TASKS
+    states = re.findall(r'<g class="nbi-node" data-id="\w+" data-state="(\w+)"', text)
+    assert {s: states.count(s) for s in set(states)} == EXPECTED
+    assert 'id="nbi-charts"' in text
+    assert "Traceback (most recent call last)" in text  # in the node details
+    assert "sales-forecast" in text
+
+
+def test_report_of_an_empty_log(tmp_path):
+    text = write_report([], tmp_path / "empty.html").read_text()
+    assert "No tasks." in text
+
+
+def test_report_groups_large_task_names(tmp_path):
+    events = [Event(RUN_START, info={"pipeline": "big"}), Event("added", node="L", task="load")]
+    events += [Event("added", node=f"f{i}", task="fit", deps=("L",)) for i in range(100)]
+    text = write_report(events, tmp_path / "big.html").read_text()
+    assert len(re.findall(r'<g class="nbi-node group"', text)) == 1
+    assert 'data-count="100"' in text
+
+
+def test_missing_dependency_names_the_extra(monkeypatch, tmp_path):
+    for name in ("ipywidgets", "anywidget", "plotly"):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, name, None)  # makes ``import name`` fail
+            with pytest.raises(ImportError, match=r"needs .* pip install 'nbindustria\[dashboard\]'"):
+                Dashboard(EventLog())
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "plotly.graph_objects", None)
+        with pytest.raises(ImportError, match=r"nbindustria\[dashboard\]"):
+            write_report([], tmp_path / "unused.html")  # the report needs plotly, not the widgets
+        # A live dashboard makes its charts in the background; refresh() says what failed.
+        dash = Dashboard(EventLog())
+        try:
+            with pytest.raises(ImportError, match=r"nbindustria\[dashboard\]"):
+                dash.refresh()
+        finally:
+            dash.close()
+
+
+def test_importing_the_dashboard_module_imports_no_widget_library():
+    code = ("import sys, nbindustria.dashboard, nbindustria.panels; "
+            "print(sorted(m for m in ('ipywidgets', 'anywidget', 'plotly', 'traitlets') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_panels_module_imports_no_widget_library():
+    source = (ROOT / "nbindustria" / "panels.py").read_text()
+    imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, re.M)
+    assert not {i.split(".")[0] for i in imports} & {"ipywidgets", "anywidget", "plotly"}
+    assert panels.RunView  # used

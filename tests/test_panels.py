@@ -1,0 +1,352 @@
+"""The pure functions that turn run events into the dashboard's panel data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nbindustria import panels
+from nbindustria.events import (
+    ADDED,
+    CACHED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUN_END,
+    RUN_START,
+    RUNNING,
+    SKIPPED,
+    Event,
+)
+
+T0 = 1_700_000_000.0
+
+
+def added(node: str, task: str, deps: tuple[str, ...] = (), label: str = "") -> Event:
+    return Event(ADDED, node=node, task=task, label=label or f"{task}({node})", time=T0,
+                 deps=deps)
+
+
+def ran(node: str, task: str, start: float, end: float, engine: str = "engine 0 (h:1)",
+        memory: int = 2**20, kind: str = DONE) -> list[Event]:
+    label = f"{task}({node})"
+    extra = {"error": "ValueError: bad", "traceback": "Traceback ...\nValueError: bad"} \
+        if kind == FAILED else {"reason": "never run", "size": 10}
+    return [
+        Event(QUEUED, node=node, task=task, label=label, time=T0 + start),
+        Event(RUNNING, node=node, task=task, label=label, time=T0 + start, engine=engine),
+        Event(kind, node=node, task=task, label=label, time=T0 + end, engine=engine,
+              started=T0 + start, ended=T0 + end, duration=end - start, cpu=(end - start) / 2,
+              peak_memory=memory, key=f"key-{node}", **extra),
+    ]
+
+
+def small_run(end: bool = True) -> list[Event]:
+    """load -> (a, b) -> c ; a fails, so c is skipped; load is a cache hit."""
+    events = [
+        Event(RUN_START, time=T0, info={"pipeline": "demo", "engines": "2 local engines",
+                                        "n_engines": 2, "run": 3, "memory_limit": 2**30}),
+        added("L", "load"),
+        added("A", "fit", ("L",)),
+        added("B", "fit", ("L",)),
+        added("C", "report", ("A", "B")),
+        Event(CACHED, node="L", task="load", label="load(L)", time=T0 + 0.1, duration=4.5,
+              size=100, key="key-L", engine="engine 1 (h:2)"),
+        *ran("A", "fit", 0.2, 1.2, kind=FAILED),
+        *ran("B", "fit", 0.2, 2.2, engine="engine 1 (h:2)", memory=3 * 2**20),
+        Event(SKIPPED, node="C", task="report", label="report(C)", time=T0 + 2.3,
+              reason="upstream task fit(A) failed"),
+    ]
+    if end:
+        events.append(Event(RUN_END, time=T0 + 2.5, info={"wall": 2.5, "failed": 1}))
+    return events
+
+
+# -- colours and formatting ------------------------------------------------------------------
+
+
+def test_task_color_is_stable_and_pinned():
+    assert panels.task_color("fit") == panels.task_color("fit")
+    # Pinned: a refactor must not recolour every user's dashboard.
+    assert [panels.task_color(n) for n in ("fit", "load", "evaluate")] == [
+        "#59a14f", "#f28e2b", "#9c755f"]
+    for name in ("a", "load", "évaluer", ""):
+        assert panels.task_color(name) in panels.PALETTE[: panels.HASHED_COLORS]
+
+
+def test_task_names_of_one_run_get_distinct_colors():
+    names = ["evaluate", "report"]  # both hash to the same colour
+    assert panels.task_color("evaluate") == panels.task_color("report")
+    colors = [t["color"] for t in panels.header([added(n, n) for n in names])["tasks"]]
+    assert colors[0] == panels.task_color("evaluate") and colors[1] != colors[0]
+    many = [f"task{i}" for i in range(len(panels.PALETTE))]
+    colors = [t["color"] for t in panels.header([added(n, n) for n in many])["tasks"]]
+    assert sorted(colors) == sorted(panels.PALETTE)
+
+
+def test_task_color_is_the_same_in_another_process():
+    code = "from nbindustria.panels import task_color; print(task_color('fit'), task_color('x'))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.split() == [panels.task_color("fit"), panels.task_color("x")]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (None, "—"), (0, "0 s"), (0.0042, "4.2 ms"), (1.234, "1.23 s"), (12.34, "12.3 s"),
+    (245, "4 min 05 s"), (7620, "2 h 07 min"),
+])
+def test_format_duration(seconds, text):
+    assert panels.format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(("size", "text"), [
+    (None, "—"), (512, "512 B"), (1536, "1.5 KiB"), (12.3 * 2**20, "12.3 MiB"),
+    (2 * 2**30, "2 GiB"), (300 * 2**20, "300 MiB"),
+])
+def test_format_bytes(size, text):
+    assert panels.format_bytes(size) == text
+
+
+def test_short_label_drops_keyword_names():
+    assert panels.short_label("fit(df=load(), alpha=0.1)") == "fit(load(), 0.1)"
+    assert panels.short_args("fit(df=load(), alpha=0.1)") == "load(), 0.1"
+    assert panels.short_args("fit") == ""
+    assert panels.short_label('load(path="a=b")') == 'load("a=b")'
+    assert panels.short_label("f(x==1)") == "f(x==1)"
+
+
+# -- header ----------------------------------------------------------------------------------
+
+
+def test_header_counts_and_progress():
+    h = panels.header(small_run())
+    assert h["pipeline"] == "demo" and h["run"] == 3 and h["n_engines"] == 2
+    assert h["status"] == "failed"
+    assert h["total"] == 4 and h["finished"] == 4 and h["progress"] == 1.0
+    assert h["counts"] == {DONE: 1, CACHED: 1, FAILED: 1, SKIPPED: 1, RUNNING: 0, QUEUED: 0,
+                           ADDED: 0}
+    assert h["elapsed"] == 2.5  # the run's own wall time
+    by_name = {t["name"]: t for t in h["tasks"]}
+    assert [t["name"] for t in h["tasks"]] == ["load", "fit", "report"]  # first appearance
+    assert by_name["fit"]["total"] == 2 and by_name["fit"]["counts"][FAILED] == 1
+    assert [t["color"] for t in h["tasks"]] == [panels.task_color(n) for n in ("load", "fit")] + [
+        h["tasks"][2]["color"]]
+    json.dumps(h)
+
+
+def test_header_while_running_and_before():
+    assert panels.header([])["status"] == "waiting"
+    events = small_run(end=False)[:8]  # L cached, A queued+running
+    h = panels.header(events, now=T0 + 10)
+    assert h["status"] == "running"
+    assert h["busy"] == 1 and h["counts"][RUNNING] == 1 and h["counts"][ADDED] == 2
+    assert h["elapsed"] == pytest.approx(10)
+    assert h["progress"] == pytest.approx(0.25)
+    end = Event(RUN_END, time=T0 + 3, info={"interrupted": True})
+    assert panels.header([*events, end])["status"] == "interrupted"
+
+
+def test_a_new_run_start_shows_only_the_last_run():
+    second = [Event(RUN_START, time=T0 + 100, info={"pipeline": "demo", "run": 4}),
+              added("L", "load"),
+              Event(CACHED, node="L", task="load", time=T0 + 100.1, duration=4.5)]
+    h = panels.header(small_run() + second)
+    assert h["run"] == 4 and h["total"] == 1 and h["counts"][CACHED] == 1
+
+
+def test_incremental_updates_give_the_same_panels():
+    events = small_run()
+    whole = panels.run_view(events)
+    view = panels.RunView()
+    changed = [view.update([e]) for e in events]
+    assert all(changed)
+    assert view.update([]) is False
+    for fn in (panels.header, panels.graph, panels.details, panels.timeline, panels.memory,
+               panels.cache_stats):
+        assert fn(view) == fn(whole), fn.__name__
+
+
+def test_a_re_added_node_keeps_its_state():
+    events = [*small_run(end=False), added("B", "fit", ("L",))]
+    assert panels.header(events)["counts"][DONE] == 1
+
+
+# -- graph -----------------------------------------------------------------------------------
+
+
+def test_graph_depth_layout_and_edges():
+    g = panels.graph(small_run())
+    nodes = {n["id"]: n for n in g["nodes"]}
+    assert {k: v["depth"] for k, v in nodes.items()} == {"L": 0, "A": 1, "B": 1, "C": 2}
+    assert [(nodes[k]["col"], nodes[k]["row"]) for k in "LABC"] == [(0, 0), (1, 0), (1, 1),
+                                                                     (2, 0)]
+    assert nodes["A"]["state"] == FAILED and nodes["C"]["state"] == SKIPPED
+    assert sorted(map(tuple, g["edges"])) == [("A", "C"), ("B", "C"), ("L", "A"), ("L", "B")]
+    assert g["columns"] == 3 and g["rows"] == 2 and g["grouped"] == []
+    assert nodes["C"]["deps"] == ["A", "B"]
+    json.dumps(g)
+
+
+def test_depth_does_not_depend_on_event_order_and_survives_long_chains():
+    # A dependent added before its dependency still gets the right depth.
+    events = [added("B", "b", ("A",)), added("A", "a")]
+    assert {n["id"]: n["depth"] for n in panels.graph(events)["nodes"]} == {"A": 0, "B": 1}
+    chain = [added("n0", "step")] + [added(f"n{i}", "step", (f"n{i - 1}",))
+                                     for i in range(1, 5000)]
+    depths = panels.run_view(chain).depths()
+    assert depths["n4999"] == 4999
+
+
+def test_layout_wraps_a_wide_depth_into_sub_columns():
+    items = [("root", 0, 0, 0)] + [(f"x{i}", 1, 1, i + 1) for i in range(30)] + [("end", 2, 2, 99)]
+    pos = panels.layout_positions(items, max_rows=12)
+    assert pos["root"] == (0, 0)
+    assert pos["x0"] == (1, 0) and pos["x11"] == (1, 11) and pos["x12"] == (2, 0)
+    assert pos["x29"] == (3, 5)
+    assert pos["end"] == (4, 0)
+
+
+def big_fanout(n: int) -> list[Event]:
+    """load -> fit x n -> reduce, with a few fits done and one failed."""
+    events = [Event(RUN_START, time=T0, info={"pipeline": "big"}), added("L", "load")]
+    events += [added(f"f{i}", "fit", ("L",)) for i in range(n)]
+    events.append(added("R", "reduce", tuple(f"f{i}" for i in range(n))))
+    events += ran("f0", "fit", 0, 1) + ran("f1", "fit", 0, 1, kind=FAILED)
+    return events
+
+
+def test_many_nodes_of_one_name_collapse_into_a_group():
+    g = panels.graph(big_fanout(50))
+    ids = [n["id"] for n in g["nodes"]]
+    assert ids == ["L", "R", "group:fit"]
+    group = g["nodes"][2]
+    assert group["group"] and group["count"] == 50 and group["task"] == "fit"
+    assert group["counts"][DONE] == 1 and group["counts"][FAILED] == 1
+    assert group["counts"][ADDED] == 48
+    assert group["state"] == FAILED  # alarm first
+    assert sorted(map(tuple, g["edges"])) == [("L", "group:fit"), ("group:fit", "R")]
+    assert g["grouped"] == ["fit"]
+    # Members travel with the group so the front end can expand it without the kernel.
+    assert len(group["members"]) == 50 and group["members"][0]["deps"] == ["L"]
+    reduce = next(n for n in g["nodes"] if n["id"] == "R")
+    assert reduce["deps"] == [f"f{i}" for i in range(50)]
+    assert set(panels.graph_node_ids(g)) == {"L", "R", "group:fit"} | {f"f{i}" for i in range(50)}
+
+
+def test_an_expanded_group_shows_its_nodes():
+    g = panels.graph(big_fanout(50), expanded=["fit"])
+    assert len(g["nodes"]) == 52 and g["grouped"] == []
+    assert len(g["edges"]) == 100
+    assert max(n["row"] for n in g["nodes"]) == panels.MAX_ROWS - 1
+
+
+def test_threshold_and_budgets():
+    assert len(panels.graph(big_fanout(30))["nodes"]) == 32  # under the threshold
+    assert len(panels.graph(big_fanout(30), threshold=10)["nodes"]) == 3
+    # Too many visible nodes overall: the largest names collapse even under the threshold.
+    events = [added(f"{name}{i}", name) for name in ("a", "b", "c") for i in range(30)]
+    g = panels.graph(events, max_nodes=40)
+    assert sum(1 for n in g["nodes"] if n["group"]) == 2 and len(g["nodes"]) == 32
+    # A group too large for the member budget is sent without members (not expandable here),
+    # and what depends on its members points at the group.
+    g = panels.graph(big_fanout(50), max_members=10)
+    group = next(n for n in g["nodes"] if n["group"])
+    assert group["members"] is None
+    assert next(n for n in g["nodes"] if n["id"] == "R")["deps"] == ["group:fit"]
+
+
+# -- details ---------------------------------------------------------------------------------
+
+
+def test_details_say_why_and_show_the_traceback():
+    d = panels.details(small_run())
+    failed = d["A"]
+    assert failed["state"] == FAILED and "ValueError: bad" in failed["traceback"]
+    assert failed["why"].startswith("Failed: ValueError: bad")
+    rows = dict(failed["rows"])
+    assert rows["Engine"] == "engine 0" and rows["Host"] == "h:1" and rows["Key"] == "key-A"
+    assert rows["Wall time"] == "1.00 s" and rows["CPU time"] == "0.50 s"
+    assert rows["Peak memory"] == "1 MiB"
+    assert d["B"]["why"] == "Ran: never run."
+    assert d["L"]["why"].startswith("Cache hit") and "4.50 s" in d["L"]["why"]
+    assert dict(d["L"]["rows"])["Made on"] == "engine 1"
+    assert d["C"]["why"] == "Skipped: upstream task fit(A) failed."
+    assert d["group:fit"]["group"] and dict(d["group:fit"]["rows"])["Nodes"] == "2"
+    assert set(panels.details(small_run(), ["A", "nope"])) == {"A"}
+    json.dumps(d)
+
+
+def test_details_arguments_come_from_the_label():
+    events = [added("x", "fit", label="fit(df=load(), alpha=0.1)")]
+    assert dict(panels.details(events)["x"]["rows"])["Arguments"] == "df=load(), alpha=0.1"
+
+
+# -- charts ----------------------------------------------------------------------------------
+
+
+def test_timeline_one_bar_per_executed_task():
+    t = panels.timeline(small_run())
+    assert len(t["bars"]) == 2 and t["running"] == []
+    a = next(b for b in t["bars"] if b["node"] == "A")
+    assert (a["engine"], a["state"]) == ("engine 0", FAILED)
+    assert (a["start"], a["end"]) == (pytest.approx(0.2), pytest.approx(1.2))
+    assert a["host"] == "engine 0 (h:1)" and a["color"] == panels.task_color("fit")
+    assert t["engines"] == ["engine 0", "engine 1"]
+
+
+def test_timeline_rows_sort_naturally_and_running_bars_grow():
+    events = [Event(RUN_START, time=T0)]
+    for i in (10, 2, 1):
+        events += [added(f"n{i}", "t"), *ran(f"n{i}", "t", 0, 1, engine=f"engine {i} (h:{i})")]
+    events += [added("r", "t"), Event(RUNNING, node="r", task="t", time=T0 + 2,
+                                      engine="engine 3 (h:3)"),
+               added("q", "t"), Event(RUNNING, node="q", task="t", time=T0 + 2)]  # no engine yet
+    t = panels.timeline(events, now=T0 + 5)
+    assert t["engines"] == ["engine 1", "engine 2", "engine 3", "engine 10"]
+    assert [(b["node"], b["start"], b["end"]) for b in t["running"]] == [
+        ("r", pytest.approx(2), pytest.approx(5))]
+
+
+def test_memory_points_and_limit():
+    m = panels.memory(small_run())
+    assert sorted(p["peak_memory"] for p in m["points"]) == [2**20, 3 * 2**20]
+    assert m["limit"] == 2**30
+    assert panels.memory([])["limit"] is None
+
+
+def test_cache_stats_hits_runs_and_time_saved():
+    c = panels.cache_stats(small_run())
+    by_name = {t["name"]: t for t in c["tasks"]}
+    assert by_name["load"] == {"name": "load", "color": panels.task_color("load"), "hits": 1,
+                               "runs": 0, "failed": 0, "saved": 4.5}
+    assert by_name["fit"]["runs"] == 1 and by_name["fit"]["failed"] == 1
+    assert c["total"] == {"hits": 1, "runs": 1, "failed": 1, "saved": 4.5}
+
+
+def test_ten_thousand_tasks_stay_cheap():
+    events = [Event(RUN_START, time=T0, info={"pipeline": "big"}), added("L", "load")]
+    for i in range(10_000):
+        events.append(added(f"f{i}", ("fit", "score")[i % 2], ("L",)))
+    for i in range(10_000):
+        events += ran(f"f{i}", ("fit", "score")[i % 2], i * 0.01, i * 0.01 + 0.5,
+                      engine=f"engine {i % 16} (h:{i % 16})")
+    began = time.perf_counter()
+    view = panels.run_view(events)
+    for fn in (panels.header, panels.graph, panels.timeline, panels.memory, panels.cache_stats):
+        fn(view)
+    elapsed = time.perf_counter() - began
+    g = panels.graph(view)
+    assert len(g["nodes"]) == 3  # load and two groups
+    assert all(n["members"] is None for n in g["nodes"] if n["group"])  # 5,000 each: too many
+    assert elapsed < 3.0, elapsed
+    # A refresh after the run has been read is cheaper still: the layout is cached.
+    began = time.perf_counter()
+    panels.graph(view)
+    panels.header(view)
+    assert time.perf_counter() - began < 0.2

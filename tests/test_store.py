@@ -1,0 +1,655 @@
+"""The on-disk cache (nbindustria/store.py): private, signed, checksummed, atomic entries.
+
+Every test here ends with a check that every entry left in the cache verifies (conftest), except
+the ones marked ``corrupts``, which damage entries on purpose and check the outcome themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import mmap
+import os
+import pickle
+import shutil
+import stat
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import Counter
+from helpers_tasks import Point
+
+from nbindustria.errors import (
+    CorruptEntryWarning,
+    MissingCacheKeyError,
+    StoreError,
+    UnpicklableResultError,
+    UnsafeCacheDirError,
+)
+from nbindustria.pipeline import Pipeline
+from nbindustria.store import (
+    _ALIGN,
+    _PREAMBLE,
+    _SIG_OFFSET,
+    INDEX_NAME,
+    MAGIC,
+    MMAP_THRESHOLD,
+    BadEntry,
+    Store,
+    _canonical,
+    read_header,
+    stage_value,
+    verify_staged_input,
+)
+
+KEY = "ab" * 16
+OTHER = "cd" * 16
+
+
+def key_of(i: int) -> str:
+    return f"{i:032x}"
+
+
+def corrupt_warnings(record: Any) -> list[Any]:
+    return [w for w in record if issubclass(w.category, CorruptEntryWarning)]
+
+
+@pytest.fixture
+def loaded_entry(store: Store) -> Iterator[Path]:
+    store.put(KEY, {"value": list(range(50)), "text": "hello"}, {"label": "v"})
+    yield store.entry_path(KEY)
+
+
+# ---- values round trip ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [
+    None, 0, -1.5, "text", b"bytes", [1, (2, 3)], {"a": {1, 2}}, Point(1, [2]),
+    pd.DataFrame({"a": [1, 2], "b": ["x", None]}),
+], ids=lambda v: type(v).__name__)
+def test_values_round_trip(store: Store, value: Any) -> None:
+    store.put(KEY, value)
+    ok, back = store.try_load(KEY)
+    assert ok
+    if isinstance(value, pd.DataFrame):
+        pd.testing.assert_frame_equal(back, value)
+    else:
+        assert back == value
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(10, dtype=np.int32),
+    np.arange(12.0).reshape(3, 4),
+    np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    np.arange(40.0).reshape(5, 8)[::2, ::3],  # not contiguous: stored contiguous
+    np.zeros((0, 3)),
+    np.array(3.5),
+    np.array([1 + 2j, 3j]),
+    np.array([True, False]),
+    np.array(["2024-01-01", "2025-06-30"], dtype="datetime64[D]"),
+], ids=lambda a: f"{a.dtype}-{a.shape}")
+def test_arrays_round_trip_read_only(store: Store, array: np.ndarray) -> None:
+    store.put(KEY, array)
+    back = store.load(KEY)
+    assert isinstance(back, np.ndarray)
+    assert back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+    assert not back.flags.writeable
+    assert store.entry_path(KEY).read_bytes()[:8] == MAGIC
+
+
+def _is_mapped(array: np.ndarray) -> bool:
+    base: Any = array.base
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "obj", None) if isinstance(base, memoryview) else \
+            getattr(base, "base", None)
+    return isinstance(base, mmap.mmap)
+
+
+def test_large_arrays_are_memory_mapped_read_only(store: Store) -> None:
+    big = np.arange(MMAP_THRESHOLD // 8 + 1024, dtype=np.float64)
+    small = np.arange(MMAP_THRESHOLD // 8 - 1024, dtype=np.float64)
+    store.put(KEY, big)
+    store.put(OTHER, small)
+    loaded_big, loaded_small = store.load(KEY), store.load(OTHER)
+    assert _is_mapped(loaded_big)
+    assert not _is_mapped(loaded_small)
+    for array in (loaded_big, loaded_small):
+        assert not array.flags.writeable
+        with pytest.raises(ValueError):
+            array[0] = 1.0
+    with pytest.raises(ValueError):
+        loaded_big.flags.writeable = True  # the mapping itself is read-only
+    np.testing.assert_array_equal(loaded_big, big)
+    # The payload starts on an aligned offset, so the mapped array is aligned.
+    assert loaded_big.ctypes.data % _ALIGN == 0
+    assert store.load(OTHER, mmap_arrays=True).flags.writeable is False
+
+
+def test_unpicklable_value_names_the_path(store: Store) -> None:
+    import threading
+
+    with pytest.raises(UnpicklableResultError, match=r"fit\(1\).*result\['model'\]\.lock"):
+        class Model:
+            def __init__(self) -> None:
+                self.lock = threading.Lock()
+
+        stage_value(store.entries_dir, KEY, {"ok": 1, "model": Model()}, {}, label="fit(1)")
+    assert list(store.entries_dir.rglob("*")) == []
+
+
+# ---- a private directory ------------------------------------------------------------------------
+
+
+def modes(root: Path) -> dict[str, int]:
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            found[str(path.relative_to(root))] = stat.S_IMODE(path.lstat().st_mode)
+    found["."] = stat.S_IMODE(root.stat().st_mode)
+    return found
+
+
+@pytest.mark.corrupts
+def test_entries_0600_directories_0700(pipe: Pipeline, counter: Counter,
+                                        key_dir: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        @pipe.task
+        def f(x: int) -> Any:
+            counter.hit("f")
+            return np.arange(x) if x > 1 else {"x": x}
+
+        handles = [f(1), f(300_000)]
+        pipe.run()
+        # Make the store quarantine one entry, so quarantine files are checked too.
+        assert handles[0].key is not None
+        path = pipe.store.entry_path(handles[0].key)
+        path.write_bytes(path.read_bytes()[:-1])
+        with pytest.warns(CorruptEntryWarning):
+            assert handles[0].result() == {"x": 1}
+    finally:
+        os.umask(old_umask)
+    found = modes(pipe.store.path)
+    assert any(name.endswith(".nbi") for name in found)
+    assert any(name.startswith("quarantine/") and name.endswith(".reason") for name in found)
+    for name, mode in found.items():
+        is_dir = (pipe.store.path / name).is_dir()
+        assert mode == (0o700 if is_dir else 0o600), (name, oct(mode))
+    key_modes = modes(key_dir)
+    assert key_modes.pop(".") == 0o700
+    assert set(key_modes.values()) == {0o600}
+
+
+def test_symlinked_cache_dir_is_refused(tmp_path: Path, key_dir: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(UnsafeCacheDirError, match="symbolic link"):
+        Store(link, key_dir)
+    assert list(real.iterdir()) == []
+
+
+def test_cache_dir_writable_by_others_is_refused(tmp_path: Path, key_dir: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeCacheDirError, match=f"chmod 700 {shared}"):
+        Store(shared, key_dir)
+    shared.chmod(0o770)
+    with pytest.raises(UnsafeCacheDirError, match="writable by others"):
+        Store(shared, key_dir)
+
+
+def test_subdirectory_writable_by_others_is_refused(tmp_path: Path, key_dir: Path) -> None:
+    Store(tmp_path / "c", key_dir).close()
+    (tmp_path / "c" / "entries").chmod(0o777)
+    with pytest.raises(UnsafeCacheDirError):
+        Store(tmp_path / "c", key_dir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory owned by another user needs root")
+def test_cache_dir_owned_by_another_user_is_refused(tmp_path: Path, key_dir: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(UnsafeCacheDirError, match="owned by uid 65534"):
+        Store(theirs, key_dir)
+
+
+def test_key_others_could_read_or_replace_is_refused(store: Store, cache_dir: Path,
+                                                     key_dir: Path) -> None:
+    store.put(KEY, 1)
+    store.close()
+    store.key_path.chmod(0o644)
+    with pytest.raises(UnsafeCacheDirError, match="chmod 600"):
+        Store(cache_dir, key_dir)
+    store.key_path.chmod(0o600)
+    key_dir.chmod(0o777)
+    with pytest.raises(UnsafeCacheDirError, match="key directory .* writable by others"):
+        Store(cache_dir, key_dir)
+    key_dir.chmod(0o700)
+    if os.geteuid() == 0:
+        os.chown(store.key_path, 65534, 65534)
+        with pytest.raises(UnsafeCacheDirError, match="owned by uid 65534"):
+            Store(cache_dir, key_dir)
+        os.chown(store.key_path, 0, 0)
+    Store(cache_dir, key_dir).close()
+
+
+def test_missing_key_of_a_non_empty_cache(store: Store, cache_dir: Path, key_dir: Path) -> None:
+    store.put(KEY, 1)
+    store.close()
+    store.key_path.unlink()
+    with pytest.raises(MissingCacheKeyError, match="never trusted without their key"):
+        Store(cache_dir, key_dir)
+    assert store.entry_path(KEY).exists()  # nothing was deleted or re-keyed
+
+
+def test_missing_key_of_an_empty_cache_is_made(cache_dir: Path, key_dir: Path) -> None:
+    first = Store(cache_dir, key_dir)
+    first.key_path.unlink()
+    first.close()
+    second = Store(cache_dir, key_dir)
+    assert second.key_path.stat().st_size == 32
+    second.close()
+
+
+def test_damaged_key_file(store: Store, cache_dir: Path, key_dir: Path) -> None:
+    store.put(KEY, 1)
+    store.key_path.write_bytes(b"short")
+    with pytest.raises(MissingCacheKeyError, match="damaged"):
+        Store(cache_dir, key_dir)
+    store.key_path.write_bytes(b"")  # empty: as missing, and the cache has entries
+    with pytest.raises(MissingCacheKeyError):
+        Store(cache_dir, key_dir)
+
+
+def test_damaged_marker(store: Store, cache_dir: Path, key_dir: Path) -> None:
+    (cache_dir / "nbindustria-cache.json").write_text("{not json")
+    with pytest.raises(StoreError, match="damaged"):
+        Store(cache_dir, key_dir)
+    (cache_dir / "nbindustria-cache.json").write_text(json.dumps({"cache_id": store.cache_id}))
+
+
+def test_key_lives_outside_the_cache(store: Store, cache_dir: Path, key_dir: Path) -> None:
+    assert store.key_path.parent == key_dir
+    assert not str(store.key_path).startswith(str(cache_dir))
+    assert store.key_path.name == f"{store.cache_id}.key"
+
+
+class CreatesAFile:
+    """Unpickling this opens (creates) a file: what a planted pickle would do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (open, (self.path, "w"))
+
+
+def test_copied_cache_without_its_key(store: Store, tmp_path: Path) -> None:
+    store.put(KEY, 1)
+    shutil.copytree(store.path, tmp_path / "copy")
+    with pytest.raises(MissingCacheKeyError):
+        Store(tmp_path / "copy", tmp_path / "other-keys")
+
+
+@pytest.mark.corrupts
+def test_copied_cache_with_another_key_is_never_unpickled(store: Store, tmp_path: Path) -> None:
+    marker = tmp_path / "created-by-unpickling"
+    store.put(KEY, CreatesAFile(str(marker)))
+    store.put(OTHER, np.arange(10))
+    assert not marker.exists()
+    shutil.copytree(store.path, tmp_path / "copy")
+    other_keys = tmp_path / "other-keys"
+    other_keys.mkdir(mode=0o700)
+    (other_keys / f"{store.cache_id}.key").write_bytes(os.urandom(32))
+    (other_keys / f"{store.cache_id}.key").chmod(0o600)
+    copy = Store(tmp_path / "copy", other_keys)
+    for key in (KEY, OTHER):
+        with pytest.warns(CorruptEntryWarning, match="signature") as record:
+            assert copy.try_load(key) == (False, None)
+        assert len(corrupt_warnings(record)) == 1
+    assert not marker.exists()
+    assert list(copy.keys()) == []
+    assert len(list(copy.quarantine_dir.glob("*.nbi"))) == 2
+    copy.close()
+
+
+# ---- damaged entries ----------------------------------------------------------------------------
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    sig, header_bytes, header, offset = read_header(path)
+    hlen = len(header_bytes)
+    if how == "truncated-to-zero":
+        data = bytearray()
+    elif how == "truncated-in-header":
+        data = data[:_PREAMBLE + hlen // 2]
+    elif how == "truncated-in-payload":
+        data = data[:offset + (len(data) - offset) // 2]
+    elif how == "truncated-by-one":
+        data = data[:-1]
+    elif how == "appended":
+        data += b"\0"
+    elif how == "flip-magic":
+        data[0] ^= 0x01
+    elif how == "flip-signature":
+        data[_SIG_OFFSET + 5] ^= 0x10
+    elif how == "flip-header-length":
+        data[_SIG_OFFSET + 32] ^= 0x01
+    elif how == "flip-header":
+        data[_PREAMBLE + hlen // 2] ^= 0x04
+    elif how == "flip-padding":
+        data[offset - 1] ^= 0x01
+    elif how == "flip-payload-first":
+        data[offset] ^= 0x80
+    elif how == "flip-payload-last":
+        data[-1] ^= 0x01
+    elif how == "tampered-header":
+        # A header rewritten by someone without the key: the signature cannot follow.
+        header["meta"] = {"label": "planted"}
+        new_header = _canonical(header)
+        assert len(new_header) <= hlen + 100
+        prefix = MAGIC + sig + len(new_header).to_bytes(4, "little") + new_header
+        prefix += b"\0" * ((-len(prefix)) % _ALIGN)
+        data = bytearray(prefix) + data[offset:]
+    elif how == "empty-header":
+        data = bytearray(MAGIC + sig + (0).to_bytes(4, "little"))
+    else:
+        raise AssertionError(how)
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = ["truncated-to-zero", "truncated-in-header", "truncated-in-payload", "truncated-by-one",
+          "appended", "flip-magic", "flip-signature", "flip-header-length", "flip-header",
+          "flip-padding", "flip-payload-first", "flip-payload-last", "tampered-header",
+          "empty-header"]
+
+
+@pytest.mark.corrupts
+@pytest.mark.parametrize("kind", ["pickle", "array", "big-array"])
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_entry_is_one_warning_and_moved_aside(store: Store, how: str, kind: str) -> None:
+    value: Any = {"pickle": {"a": list(range(100))}, "array": np.arange(100.0),
+                  "big-array": np.arange(MMAP_THRESHOLD // 4, dtype=np.float64)}[kind]
+    store.put(KEY, value, {"label": "fit(1)"})
+    path = store.entry_path(KEY)
+    damage(path, how)
+    with pytest.warns(CorruptEntryWarning) as record:
+        assert store.try_load(KEY, "fit(1)") == (False, None)
+    (warning,) = corrupt_warnings(record)
+    assert "fit(1)" in str(warning.message)
+    assert not path.exists()
+    (moved,) = store.quarantine_dir.glob(f"{KEY}.*.nbi")
+    reason = moved.with_suffix(".reason").read_text()
+    assert reason.startswith("fit(1)\n")
+    # A miss now, and no second warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.try_load(KEY) == (False, None)
+    assert store.verify_all() == {}
+
+
+@pytest.mark.corrupts
+@pytest.mark.parametrize("kind", ["pickle", "array"])
+def test_every_single_byte_flip_is_caught(store: Store, kind: str) -> None:
+    value: Any = {"a": [1, 2.5, "x" * 40]} if kind == "pickle" else np.arange(16.0)
+    store.put(KEY, value)
+    path = store.entry_path(KEY)
+    original = path.read_bytes()
+    for i in range(len(original)):
+        data = bytearray(original)
+        data[i] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(BadEntry):
+            store.load(KEY)
+    path.write_bytes(original)
+    assert store.verify(KEY) is None
+
+
+@pytest.mark.corrupts
+def test_entry_moved_into_another_place(store: Store) -> None:
+    store.put(KEY, "mine")
+    store.put(OTHER, "theirs")
+    shutil.copy(store.entry_path(OTHER), store.entry_path(KEY))
+    with pytest.raises(BadEntry, match="another entry's place"):
+        store.load(KEY)
+    with pytest.warns(CorruptEntryWarning):
+        assert store.try_load(KEY) == (False, None)
+    assert store.load(OTHER) == "theirs"
+
+
+def planted_entry(store: Store, key: str, payload: bytes, signature: bytes) -> None:
+    """Write an entry with a payload of our choice and a header that describes it exactly
+    (its sha256 and xxh3 match), signed with ``signature``."""
+    import xxhash
+
+    header = {"format": 1, "key": key, "kind": "pickle", "length": len(payload),
+              "xxh3": xxhash.xxh3_128_hexdigest(payload),
+              "sha256": hashlib.sha256(payload).hexdigest(), "meta": {"label": "planted"}}
+    header_bytes = _canonical(header)
+    prefix = MAGIC + signature + len(header_bytes).to_bytes(4, "little") + header_bytes
+    prefix += b"\0" * ((-len(prefix)) % _ALIGN)
+    store.entry_path(key).parent.mkdir(mode=0o700, exist_ok=True)
+    store.entry_path(key).write_bytes(prefix + payload)
+    os.chmod(store.entry_path(key), 0o600)
+
+
+@pytest.mark.corrupts
+@pytest.mark.parametrize("signature", ["zeros", "random", "of-the-real-entry"])
+def test_planted_pickle_is_never_unpickled(store: Store, tmp_path: Path, signature: str) -> None:
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(CreatesAFile(str(marker)))
+    store.put(KEY, "the real value")
+    real_sig = read_header(store.entry_path(KEY))[0]
+    sig = {"zeros": b"\0" * 32, "random": os.urandom(32), "of-the-real-entry": real_sig}
+    planted_entry(store, KEY, evil, sig[signature])
+    with pytest.raises(BadEntry, match="signature"):
+        store.load(KEY)
+    with pytest.warns(CorruptEntryWarning) as record:
+        assert store.try_load(KEY) == (False, None)
+    assert len(corrupt_warnings(record)) == 1
+    assert store.verify_all() == {}
+    assert not marker.exists()
+
+
+@pytest.mark.corrupts
+def test_payload_swapped_under_a_valid_signature(store: Store, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(CreatesAFile(str(marker)))
+    store.put(KEY, b"x" * (len(evil) + 64))  # a real entry: signature valid for its header
+    path = store.entry_path(KEY)
+    _sig, _hb, _header, offset = read_header(path)
+    data = path.read_bytes()
+    real_payload = data[offset:]
+    swapped = evil + b"." * (len(real_payload) - len(evil))  # same length: pickle stops at "."
+    path.write_bytes(data[:offset] + swapped)
+    with pytest.raises(BadEntry, match="digest"):
+        store.load(KEY)
+    with pytest.warns(CorruptEntryWarning):
+        assert store.try_load(KEY) == (False, None)
+    assert not marker.exists()
+
+
+@pytest.mark.corrupts
+def test_planted_pickle_through_a_pipeline(pipe: Pipeline, counter: Counter,
+                                           tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    @pipe.task
+    def value(x: int) -> str:
+        counter.hit("value")
+        return f"value {x}"
+
+    @pipe.task
+    def use(v: str) -> str:
+        return v.upper()
+
+    handle = value(1)
+    pipe.run()
+    assert handle.key is not None
+    planted_entry(pipe.store, handle.key, pickle.dumps(CreatesAFile(str(marker))),
+                  os.urandom(32))
+    top = use(value(1))
+    with pytest.warns(CorruptEntryWarning) as record:
+        pipe.run()
+    assert len(corrupt_warnings(record)) == 1
+    assert top.result() == "VALUE 1"
+    assert counter["value"] == 2
+    assert not marker.exists()
+
+
+@pytest.mark.corrupts
+@pytest.mark.parametrize("how", ["truncated-by-one", "flip-payload-last", "flip-header",
+                                 "flip-signature", "truncated-to-zero"])
+@pytest.mark.parametrize("shape", ["result", "input"])
+def test_damaged_entry_is_recomputed(pipe: Pipeline, counter: Counter, how: str,
+                                     shape: str) -> None:
+    @pipe.task
+    def make(n: int) -> np.ndarray:
+        counter.hit("make")
+        return np.arange(n, dtype=np.float64)
+
+    @pipe.task
+    def total(a: np.ndarray) -> float:
+        counter.hit("total")
+        return float(a.sum())
+
+    made = make(200_000)
+    pipe.run()
+    assert made.key is not None
+    damage(pipe.store.entry_path(made.key), how)
+    with pytest.warns(CorruptEntryWarning) as record:
+        if shape == "result":
+            made = make(200_000)
+            pipe.run()
+            value = made.result()
+            np.testing.assert_array_equal(value, np.arange(200_000.0))
+        else:
+            top = total(make(200_000))
+            pipe.run()
+            assert top.result() == float(np.arange(200_000).sum())
+    assert len(corrupt_warnings(record)) == 1
+    assert counter["make"] == 2
+    assert pipe.store.verify_all(quarantine=False) == {}
+    assert len(list(pipe.store.quarantine_dir.glob("*.nbi"))) == 1
+
+
+def test_engine_side_check_of_an_input(store: Store) -> None:
+    store.put(KEY, np.arange(5))
+    header_digest, _header, _ = store.verified_header(KEY)
+    path = str(store.entry_path(KEY))
+    np.testing.assert_array_equal(verify_staged_input(path, header_digest), np.arange(5))
+    with pytest.raises(BadEntry, match="header differs"):
+        verify_staged_input(path, "0" * 32)
+
+
+# ---- commits and the index ------------------------------------------------------------------
+
+
+def test_commit_is_grouped(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbindustria import store as store_module
+
+    calls: list[str] = []
+    real = store_module._syncfs
+    monkeypatch.setattr(store_module, "_syncfs", lambda p: (calls.append(p), real(p)))
+    staged = [stage_value(store.entries_dir, key_of(i), {"i": i}, {}) for i in range(50)]
+    store.commit(staged)
+    assert len(calls) == 2  # one flush for the data, one for the renames: not one per entry
+    assert all(store.load(key_of(i)) == {"i": i} for i in range(50))
+    assert list(store.entries_dir.rglob("*.part")) == []
+
+
+def test_commit_refuses_a_staged_file_of_another_key(store: Store) -> None:
+    staged = stage_value(store.entries_dir, KEY, 1, {})
+    staged.key = OTHER
+    with pytest.raises(StoreError, match="does not hold key"):
+        store.commit([staged])
+    os.unlink(staged.path)
+
+
+def test_missing_entry_is_a_clean_miss(store: Store) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.try_load(KEY) == (False, None)
+    assert store.verify(KEY) == "missing"
+
+
+def test_index_is_derived_data(cache_dir: Path, key_dir: Path, pipe: Pipeline,
+                               counter: Counter) -> None:
+    @pipe.task
+    def f(x: int) -> int:
+        counter.hit("f")
+        return x * x
+
+    handles = [f(i) for i in range(5)]
+    pipe.run()
+    keys = [h.key for h in handles]
+    rows_before = {k: r.result_digest for k, r in pipe.store.index.get_many(keys).items()}
+    pipe.close()
+    for suffix in ("", "-wal", "-shm"):
+        path = cache_dir / (INDEX_NAME + suffix)
+        if path.exists():
+            path.unlink()
+    handles = [f(i) for i in range(5)]
+    summary = pipe.run()  # the store is opened again, with an empty index
+    assert (summary.ran, summary.cached) == (0, 5)
+    assert [h.result() for h in handles] == [i * i for i in range(5)]
+    assert counter["f"] == 5
+    store = pipe.store
+    store.index.clear()
+    assert store.index.get_many(keys) == {}
+    assert store.rebuild_index() == 5
+    rows = store.index.get_many(keys)
+    assert {k: r.result_digest for k, r in rows.items()} == rows_before
+    assert {r.label for r in rows.values()} == {f"f({i})" for i in range(5)}
+
+
+@pytest.mark.corrupts
+def test_index_larger_than_the_file_is_a_miss(store: Store, pipe: Pipeline) -> None:
+    @pipe.task
+    def f() -> bytes:
+        return b"x" * 10_000
+
+    handle = f()
+    pipe.run()
+    assert handle.key is not None
+    path = pipe.store.entry_path(handle.key)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(CorruptEntryWarning, match="smaller than its payload"):
+        assert pipe.store.present([handle.key]) == {}
+
+
+@pytest.mark.corrupts
+def test_verify_all_reports_and_quarantines(store: Store) -> None:
+    for i in range(4):
+        store.put(key_of(i), i)
+    damage(store.entry_path(key_of(1)), "flip-payload-last")
+    damage(store.entry_path(key_of(2)), "truncated-in-header")
+    assert set(store.verify_all(quarantine=False)) == {key_of(1), key_of(2)}
+    bad = store.verify_all()
+    assert set(bad) == {key_of(1), key_of(2)}
+    assert store.verify_all() == {}
+    assert sorted(store.keys()) == [key_of(0), key_of(3)]
+
+
+def test_text_log_of_a_run(pipe: Pipeline) -> None:
+    @pipe.task
+    def f() -> int:
+        return 1
+
+    f()
+    pipe.run()
+    assert isinstance(pipe.reporter.stream, io.StringIO)
+    assert "Saved result of f() to " + str(pipe.store.entries_dir) in pipe.reporter.stream.getvalue()
