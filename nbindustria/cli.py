@@ -263,14 +263,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
             doomed.append(row)
             total -= row.size
     freed = sum(r.size for r in doomed)
-    quarantined = list(store.quarantine_dir.iterdir())
+    quarantined = list(store.quarantine_dir.glob("*.nbi"))
     verb = "would delete" if args.dry_run else "deleted"
     if not args.dry_run:
         store.delete(r.key for r in doomed)
         for path in quarantined:  # entries that failed a check, kept aside until now
             path.unlink()
+            path.with_suffix(".reason").unlink(missing_ok=True)
     print(f"{verb} {len(doomed)} result(s) ({format_bytes(freed)}) and "
-          f"{len(quarantined)} quarantined file(s)")
+          f"{len(quarantined)} quarantined entr{'y' if len(quarantined) == 1 else 'ies'}")
     return 0
 
 

@@ -35,6 +35,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from . import panels
 from .events import ADDED, CACHED, DONE, FAILED, RUN_END, RUN_START, RUNNING, Event, EventLog
 
@@ -50,6 +52,7 @@ NODE_W, NODE_H, PITCH_X, PITCH_Y, PAD = 144, 24, 176, 30, 14
 INTERVAL = 0.33  # seconds between refreshes: at most ~3 a second
 COST_FACTOR = 20  # wait at least 20x what the last refresh cost: under ~5% of one core
 LINES_ABOVE = 1500  # more timeline bars than this: drawn as line segments (one SVG path per name)
+MEMORY_POINTS = 2000  # at most about this many memory points are drawn (an even sample)
 FONT = "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
 
 
@@ -100,7 +103,10 @@ def _title(text: str, x: float, y: float, name: str) -> dict[str, Any]:
 
 
 def _timeline_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """A trace per task name, and one for what is running (empty or not: a stable set of traces
+    is updated in place, a changing one is rebuilt). Engines are rows 0, 1, ... of the y axis."""
     bars, running = data["bars"], data["running"]
+    row = {engine: i for i, engine in enumerate(data["engines"])}
     by_task: dict[str, list[dict[str, Any]]] = {}
     for bar in bars:
         by_task.setdefault(bar["task"], []).append(bar)
@@ -114,63 +120,76 @@ def _timeline_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
                   "offsetgroup": "timeline"}
         if lines:  # one path per task name: cheap to draw however many tasks ran
             xs: list[float | None] = []
-            ys: list[str | None] = []
+            ys: list[int | None] = []
             for bar in group:
                 xs += [bar["start"], bar["end"], None]
-                ys += [bar["engine"], bar["engine"], None]
+                ys += [row[bar["engine"]], row[bar["engine"]], None]
             traces.append({"type": "scatter", "mode": "lines", **common, "x": xs, "y": ys,
-                           "line": {"color": color, "width": 12}, "hoverinfo": "name+y"})
+                           "line": {"color": color, "width": 12}, "hoverinfo": "name"})
             continue
         failed = [bar["state"] == FAILED for bar in group]
         traces.append({
             "type": "bar", "orientation": "h", **common,
-            "y": [bar["engine"] for bar in group],
+            "y": [row[bar["engine"]] for bar in group],
             "x": [max(bar["duration"], 1e-3) for bar in group],
             "base": [bar["start"] for bar in group],
-            "customdata": [[bar["label"], panels.format_duration(bar["duration"]), bar["state"]]
-                           for bar in group],
-            "hovertemplate": "<b>%{customdata[0]}</b><br>%{y} · %{customdata[1]} · "
+            "customdata": [[bar["label"], panels.format_duration(bar["duration"]), bar["state"],
+                            bar["engine"]] for bar in group],
+            "hovertemplate": "<b>%{customdata[0]}</b><br>%{customdata[3]} · %{customdata[1]} · "
             "%{customdata[2]}<br>started +%{base:.2f} s<extra></extra>",
             "marker": {"color": color,
                        "line": {"color": [failed_color if f else color for f in failed],
                                 "width": [2.5 if f else 0.5 for f in failed]}},
             "width": 0.7,
         })
-    if running:
-        traces.append({
-            "type": "bar", "orientation": "h", "name": "running", "legendgroup": "running",
-            "xaxis": "x", "yaxis": "y", "offsetgroup": "timeline",
-            "y": [bar["engine"] for bar in running],
-            "x": [max(bar["duration"], 1e-3) for bar in running],
-            "base": [bar["start"] for bar in running],
-            "customdata": [[bar["label"]] for bar in running],
-            "hovertemplate": "<b>%{customdata[0]}</b><br>%{y} · running<extra></extra>",
-            "marker": {"color": "rgba(59,130,246,0.25)",
-                       "line": {"color": panels.STATE_COLORS[RUNNING], "width": 1.5}},
-            "width": 0.7,
-        })
+    traces.append({
+        "type": "bar", "orientation": "h", "name": "running", "legendgroup": "running",
+        "showlegend": bool(running), "xaxis": "x", "yaxis": "y", "offsetgroup": "timeline",
+        "y": [row[bar["engine"]] for bar in running],
+        "x": [max(bar["duration"], 1e-3) for bar in running],
+        "base": [bar["start"] for bar in running],
+        "customdata": [[bar["label"], bar["engine"]] for bar in running],
+        "hovertemplate": "<b>%{customdata[0]}</b><br>%{customdata[1]} · running<extra></extra>",
+        "marker": {"color": "rgba(59,130,246,0.25)",
+                   "line": {"color": panels.STATE_COLORS[RUNNING], "width": 1.5}},
+        "width": 0.7,
+    })
     return traces
+
+
+def _sample(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most about ``limit`` points, evenly spread, always keeping the highest peak."""
+    if len(points) <= limit:
+        return points
+    step = -(-len(points) // limit)
+    kept = points[::step]
+    top = max(points, key=lambda p: p["peak_memory"] or 0)
+    return kept if top in kept else [*kept, top]
 
 
 def _memory_traces(data: dict[str, Any], scale: int) -> list[dict[str, Any]]:
     by_task: dict[str, list[dict[str, Any]]] = {}
     for point in data["points"]:
         by_task.setdefault(point["task"], []).append(point)
-    return [
-        {
+    # Thousands of SVG markers redrawn a few times a second would slow the browser: a large
+    # run shows an even sample (with each name's highest peak).
+    share = max(1, MEMORY_POINTS // max(len(by_task), 1))
+    traces = []
+    for task, group in by_task.items():
+        shown = _sample(group, share)
+        traces.append({
             "type": "scatter", "mode": "markers", "name": task, "legendgroup": task,
             "showlegend": False, "xaxis": "x2", "yaxis": "y2",
-            "x": [p["end"] for p in group],
-            "y": [p["peak_memory"] / scale for p in group],
+            "x": [p["end"] for p in shown],
+            "y": [(p["peak_memory"] or 0) / scale for p in shown],
             "customdata": [[p["label"], p["engine"], panels.format_bytes(p["peak_memory"])]
-                           for p in group],
+                           for p in shown],
             "hovertemplate": "<b>%{customdata[0]}</b><br>%{customdata[2]} on %{customdata[1]}"
             "<extra></extra>",
             "marker": {"color": group[0]["color"], "size": 7, "opacity": 0.85,
                        "line": {"width": 0}},
-        }
-        for task, group in by_task.items()
-    ]
+        })
+    return traces
 
 
 def _cache_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -264,9 +283,9 @@ def charts_figure(
                     "yanchor": "top", "bgcolor": "rgba(0,0,0,0)", "font": {"size": 11}},
         "xaxis": _axis(domain=[0, TIMELINE_RIGHT], anchor="y", rangemode="tozero",
                        title={"text": "seconds since the run started", "standoff": 4}),
-        "yaxis": _axis(domain=[top_bottom, 1], anchor="x", type="category",
-                       categoryorder="array", categoryarray=engines, autorange="reversed",
-                       showgrid=False),
+        "yaxis": _axis(domain=[top_bottom, 1], anchor="x", type="linear",
+                       tickvals=list(range(len(engines))), ticktext=engines, zeroline=False,
+                       range=[max(len(engines), 1) - 0.5, -0.5], showgrid=False),
         "xaxis2": _axis(domain=[0, 0.44], anchor="y2", rangemode="tozero",
                         title={"text": "finished at (s)", "standoff": 4}),
         "yaxis2": _axis(domain=[0, bottom_top], anchor="x2", rangemode="tozero",
@@ -279,6 +298,19 @@ def charts_figure(
         "shapes": shapes,
     }
     return traces, layout
+
+
+def _packed(trace: dict[str, Any]) -> dict[str, Any]:
+    """``trace`` with its long numeric arrays as numpy arrays, which plotly's widget sends as
+    binary buffers; it walks a Python list element by element (half a second for 10,000 bars)."""
+    packed = dict(trace)
+    for key in ("x", "y", "base"):
+        values = trace.get(key)
+        if isinstance(values, list) and len(values) > 64 and all(
+            v is None or isinstance(v, int | float) for v in values
+        ):
+            packed[key] = np.array([np.nan if v is None else v for v in values], dtype=float)
+    return packed
 
 
 class _FigureSync:
@@ -300,14 +332,15 @@ class _FigureSync:
         if shape != [(t["type"], t["name"], t.get("xaxis")) for t in self.traces]:
             with fig.batch_update():  # traces came or went (a new task name): replace them all
                 fig.data = []
-            fig.add_traces([dict(t) for t in traces])
+            fig.add_traces([_packed(t) for t in traces])
         else:
             changed = [(i, t) for i, (t, old) in enumerate(zip(traces, self.traces, strict=True))
                        if t != old]
             if changed:
                 with fig.batch_update():
                     for i, trace in changed:
-                        fig.data[i].update({k: v for k, v in trace.items() if k != "type"})
+                        fig.data[i].update({k: v for k, v in _packed(trace).items()
+                                            if k != "type"})
         delta = {k: v for k, v in layout.items() if self.layout.get(k) != v}
         if delta:
             with fig.batch_update():

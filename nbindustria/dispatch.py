@@ -23,6 +23,7 @@ an ``EngineLost`` outcome; the scheduler resubmits it elsewhere and fails the ta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -237,9 +238,7 @@ class EngineExecutor:
         for engine in self._engines.values():
             if not engine.alive or not self._custom_fits(engine, options):
                 continue
-            if engine.messages == 0:
-                pass
-            elif short and engine.short and engine.messages < SHORT_INFLIGHT:
+            if engine.messages == 0 or (short and engine.short and engine.messages < SHORT_INFLIGHT):
                 pass
             else:
                 continue
@@ -369,7 +368,7 @@ class EngineExecutor:
         try:
             async_result = view.apply_async(_run_batch, functions,
                                             cloudpickle.dumps(jobs), engine.label)
-        except Exception as exc:  # noqa: BLE001 - the engine is unreachable: same as lost
+        except Exception as exc:
             engine.functions.clear()
             for job, _options in batch:
                 report(_lost(job.key, job.node_id, engine, f"could not send: {exc}"))
@@ -381,7 +380,7 @@ class EngineExecutor:
             # ipyparallel's thread: only turn the reply into outcomes and hand them over.
             try:
                 outcomes = ar.result()
-            except Exception as exc:  # noqa: BLE001 - EngineError and any transport failure
+            except Exception as exc:
                 outcomes = [_lost(key, node, engine, f"{type(exc).__name__}: {exc}")
                             for key, node in keys]
             for outcome in outcomes:
@@ -446,7 +445,7 @@ class EngineExecutor:
         def start() -> None:
             try:
                 self.engines.add_engines(1)
-            except Exception as exc:  # noqa: BLE001 - reported, the run goes on with fewer
+            except Exception as exc:
                 self.replacement_errors.append(f"{type(exc).__name__}: {exc}")
 
         threading.Thread(target=start, name="nbindustria-replace-engine", daemon=True).start()
@@ -456,10 +455,8 @@ class EngineExecutor:
         self._pending.clear()
         pending = [ar for ar in self._messages.values() if not ar.done()]
         if pending:
-            try:
+            with contextlib.suppress(Exception):
                 self.engines.client.abort(pending)
-            except Exception:  # noqa: BLE001 - best effort: results that land are still kept
-                pass
         interrupt = getattr(self.engines, "interrupt_busy", None)
         if interrupt is not None:
             interrupt()

@@ -662,6 +662,20 @@ def _packages_distributions() -> dict[str, list[str]]:
 
 
 @functools.cache
+@functools.cache
+def _distributions_of(toplevel: str) -> list[str]:
+    """Distributions that provide a top-level module. Most are named like their module: ask for
+    that one first (cheap); scanning every installed distribution takes about a second."""
+    try:
+        dist = importlib.metadata.distribution(toplevel)
+        files = dist.files or []
+        if any(f.parts and f.parts[0] in (toplevel, f"{toplevel}.py") for f in files):
+            return [dist.metadata["Name"] or toplevel]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return list(_packages_distributions().get(toplevel, []))
+
+
 def library_version(module_name: str) -> str | None:
     """``"dist==version"`` for a module installed from a distribution, ``"python==X.Y"`` for the
     standard library and builtins, None for user code (hashed by its source)."""
@@ -672,13 +686,13 @@ def library_version(module_name: str) -> str | None:
         return None if toplevel != "builtins" else "python"
     module = sys.modules.get(module_name) or sys.modules.get(toplevel)
     filename = getattr(module, "__file__", None)
-    if module is not None and filename is None and toplevel not in _packages_distributions():
+    if module is not None and filename is None and not _distributions_of(toplevel):
         return None  # e.g. a namespace made in a notebook
     if filename and filename.startswith(_STDLIB_PATHS) and not filename.startswith(_SITE_PATHS):
         return f"python=={sys.version_info.major}.{sys.version_info.minor}"
     if filename and not filename.startswith(_SITE_PATHS):
         return None  # local or editable-installed source: hash it by its code
-    dists = _packages_distributions().get(toplevel)
+    dists = _distributions_of(toplevel)
     if not dists:
         return None
     name = sorted(dists)[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from .pipeline import Pipeline, set_default_pipeline
 from .task import Handle, pop_pipeline, push_pipeline
 
 _LAST = "__nbindustria_last__"  # holds a run cell's last expression until the run ends
+_IPYTHON_NAMES = re.compile(r"^(_+|_\d+|_i+|_i\d+|_ih|_oh|_dh|In|Out|__.*__)$")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -168,6 +170,9 @@ class NotebookSession:
         # NBINDUSTRIA_DASHBOARD=0: progress bars instead (e.g. headless runs of notebooks).
         self.dashboard = _BOOL.get(os.environ.get("NBINDUSTRIA_DASHBOARD", "1").lower(), True)
         self.last: dict[str, Any] = {}
+        # The notebook's engine setting; `%%pipeline run --engines/--profile/--local` overrides
+        # it for one run only.
+        self.engine_setting: int | str | None = self.pipe.settings.engines
         self._cells: Any = None
         self._magics: NbindustriaMagics | None = None
 
@@ -201,7 +206,7 @@ class NotebookSession:
         set_default_pipeline(None)  # bare @task calls get a pipeline of their own again
 
     def describe_engines(self) -> str:
-        setting = self.pipe.settings.engines
+        setting = self.engine_setting
         if setting is None:
             return "engines: none, tasks run in this kernel (%pipeline config engines=N)"
         if isinstance(setting, int) or setting == "auto":
@@ -216,7 +221,7 @@ class NotebookSession:
 
     def _start_engines_early(self) -> None:
         """A configured engine count starts in the background, so the first run need not wait."""
-        setting = self.pipe.settings.engines
+        setting = self.engine_setting
         if not (isinstance(setting, int) or setting == "auto"):
             return
         try:
@@ -256,8 +261,8 @@ class NotebookSession:
         calls = list(recorder.calls.values())
         if not calls:
             print("%%pipeline run: the cell called no task, so nothing ran. Decorate functions "
-                  "with @task (from nbindustria import task) and call them in this cell.",
-                  file=sys.stderr)
+                  "with @task (from nbindustria import task) and call them in this cell "
+                  "(tasks of a Pipeline of your own run with its run()).", file=sys.stderr)
             return
         self._check_rerun(args.rerun, calls)
         try:
@@ -323,7 +328,7 @@ class NotebookSession:
         elif args.profile:
             setting = args.profile
         else:
-            setting = self.pipe.settings.engines
+            setting = self.engine_setting
         self.pipe.use_engines(setting)
 
     def _bind_results(self, source: str, before: dict[str, Any]) -> list[str]:
@@ -337,7 +342,7 @@ class NotebookSession:
         memo: dict[int, tuple[Any, bool]] = {}
         bound = []
         for name in sorted((mentioned | changed_names) & set(ns)):
-            if name.startswith("_"):
+            if _IPYTHON_NAMES.match(name):
                 continue
             value = ns[name]
             labels = _labels_in(value)
@@ -464,7 +469,7 @@ class NotebookSession:
                 raise UsageError(f"%pipeline config: expected KEY=VALUE (got {item!r})")
             self._set(key.strip(), value.strip())
         p = self.pipe
-        shown = {"cache_dir": str(p.settings.cache_dir), "engines": p.settings.engines,
+        shown = {"cache_dir": str(p.settings.cache_dir), "engines": self.engine_setting,
                  "dashboard": self.dashboard, "verbose": p.reporter.verbose,
                  "timeit": p.timeit, "memcheck": p.memcheck, "profiling": p.profiling,
                  "dryrun": p.dryrun}
@@ -484,9 +489,10 @@ class NotebookSession:
                 handle._forget_value()
         elif key == "engines":
             try:
-                p.use_engines(parse_engines(value))
+                self.engine_setting = parse_engines(value)
             except NbindustriaError as exc:
                 raise UsageError(f"%pipeline config: {exc}") from None
+            p.use_engines(self.engine_setting)
             self._start_engines_early()
         elif key == "verbose":
             if not value.isdigit():
@@ -549,28 +555,33 @@ class NotebookSession:
 
             n: int | str = args.n if args.n else "auto"
             cluster.start_in_background(n, mpi=args.mpi)
-            p.use_engines(f"mpi:{n}" if args.mpi else n)
+            self.engine_setting = f"mpi:{n}" if args.mpi else n
+            p.use_engines(self.engine_setting)
             print(f"starting {n} engine(s){' under MPI' if args.mpi else ''} in the "
                   "background; the next run uses them")
         elif args.action == "connect":
             if not args.profile:
                 raise UsageError("%pipeline engines connect: name the ipcluster profile")
-            p.use_engines(args.profile)
+            self.engine_setting = args.profile
+            p.use_engines(self.engine_setting)
             print(f"connected: {p.executor.description}")
         elif args.action == "stop":
             from . import cluster
 
             cluster.stop_shared()
+            self.engine_setting = None
             p.use_engines(None)
             print("engines stopped; tasks run in this kernel")
         else:
             print(self.describe_engines())
-            if p.settings.engines is not None:
-                engines = getattr(p.executor, "engines", None)
-                for info in (engines.info() if engines is not None else []):
-                    rank = f" rank {info.mpi_rank}/{info.mpi_size}" if info.mpi_rank is not None \
+            if self.engine_setting is not None:
+                p.use_engines(self.engine_setting)
+                table = getattr(p.executor, "engine_table", None)
+                for row in (table() if table is not None else []):
+                    rank = f", MPI rank {row['mpi_rank']}" if row.get("mpi_rank") is not None \
                         else ""
-                    print(f"  engine {info.id}: {info.host} pid {info.pid}{rank}")
+                    print(f"  engine {row['id']}: {row['host']} pid {row['pid']}{rank}, "
+                          f"{row['state']}, {row['tasks_done']} task(s) done")
 
     # ---- %%cache -----------------------------------------------------------------------------
 

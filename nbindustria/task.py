@@ -251,12 +251,13 @@ def short_repr(value: Any, limit: int = 40) -> str:
             else "()"
         return f"{open_}{inner}{close}"
     shape = getattr(value, "shape", None)
-    if shape is not None and hasattr(value, "dtype"):
-        return f"<{type(value).__name__} {tuple(shape)}>"
+    if isinstance(shape, tuple) and not isinstance(value, (int, float, str)):
+        return f"<{type(value).__name__} {shape}>"  # arrays, frames: never their many-line repr
     try:
         text = repr(value)
     except Exception:  # a broken __repr__ must not break a label
         text = f"<{type(value).__name__}>"
+    text = " ".join(text.split()) if "\n" in text else text
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

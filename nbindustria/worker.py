@@ -187,7 +187,7 @@ def execute(job: Job, loader: Loader = engine_loader, engine: str = "kernel") ->
                 value = job.func(*args, **kwargs)
     except KeyboardInterrupt:
         raise
-    except BaseException as exc:  # noqa: BLE001 - a task's failure is data, reported whole
+    except BaseException as exc:
         out.duration = time.perf_counter() - t0
         out.ended = time.time()
         out.cpu = time.process_time() - cpu0

@@ -60,8 +60,9 @@ def test_charts_hold_one_bar_per_executed_task(finished):
     charts = finished.charts
     assert executed_bars(charts) == EXPECTED["done"] + EXPECTED["failed"]
     timeline = [t for t in charts.data if t.xaxis == "x"]
-    assert {t.name for t in timeline} == {"features", "fit", "evaluate", "summary"}
-    assert {y for t in timeline for y in t.y} == {"engine 0", "engine 1"}
+    assert [t.name for t in timeline] == ["features", "fit", "evaluate", "summary", "running"]
+    assert {y for t in timeline for y in t.y} == {0, 1}  # engine rows
+    assert list(charts.layout.yaxis.ticktext) == ["engine 0", "engine 1"]
     assert sum(len(t.x) for t in charts.data if t.xaxis == "x2") == 50  # memory points
     cache = {t.name: t for t in charts.data if t.xaxis == "x3"}
     assert sum(cache["cache hits"].y) == 7 and sum(cache["ran"].y) == 49
@@ -106,16 +107,18 @@ def test_follows_a_live_run_and_stops_at_its_end():
     dash = Dashboard(log, interval=0.05)
     try:
         assert dash._thread is not None and dash._thread.is_alive()
-        dash._charts_thread.join(30)  # the charts are made meanwhile, in their own thread
-        assert dash.charts is not None and len(dash.widget.children) == 2
         assert not log._subscribers  # nothing runs in the emitting thread but the append
-        replay_in_thread(log, synthetic_events(), seconds=0.6)
+        # The run starts while the charts are still being made (in their own thread): the
+        # header and graph follow it meanwhile.
+        replay_in_thread(log, synthetic_events(), seconds=1.0)
         seen_running = False
         deadline = time.monotonic() + 10
         while not dash.finished and time.monotonic() < deadline:
             seen_running |= dash.graph_widget.state["header"]["status"] == "running"
             time.sleep(0.02)
         assert dash.finished and seen_running
+        dash._charts_thread.join(30)
+        assert dash.charts is not None and len(dash.widget.children) == 2
         dash._thread.join(10)
         assert not dash._thread.is_alive()
         # The thread's last refresh put the final charts into the synced (saved) state too.

@@ -6,6 +6,7 @@ this module; they travel to the engines by value (dispatch pickles user code by 
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -174,7 +175,7 @@ def test_cpu_resources_are_respected(tmp_path, engines):
     handles = [heavy(i) for i in range(3)]
     pipe.run()
     intervals = sorted(h.result() for h in handles)
-    for (_s1, e1), (s2, _e2) in zip(intervals, intervals[1:], strict=False):
+    for (_s1, e1), (s2, _e2) in itertools.pairwise(intervals):
         assert s2 >= e1 - 0.01, f"two cpus={cores} tasks overlapped: {intervals}"
 
 

@@ -583,6 +583,7 @@ def fixed_values() -> list[Any]:
     ]
 
 
+@pytest.mark.slow
 def test_tokens_agree_across_interpreters_and_hash_seeds(servers: list[TokenServer]) -> None:
     for value in fixed_values():
         here = tokenize(value)
@@ -590,6 +591,7 @@ def test_tokens_agree_across_interpreters_and_hash_seeds(servers: list[TokenServ
         assert there == [here] * len(servers), value
 
 
+@pytest.mark.slow
 @settings(max_examples=60)
 @given(values)
 def test_property_tokens_agree_across_hash_seeds(servers: list[TokenServer], value: Any) -> None:

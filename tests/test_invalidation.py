@@ -221,7 +221,7 @@ def test_edit_in_a_user_module(pipe: Pipeline, modules: ModuleWriter, style: str
 
 
 def test_edit_in_a_user_submodule(pipe: Pipeline, modules: ModuleWriter) -> None:
-    modules.write("upkg/__init__.py".removesuffix(".py"), "from . import sub\n")
+    modules.write("upkg/__init__", "from . import sub\n")
     modules.write("upkg/sub", "def helper(x):\n    return x * 2\n")
     mod = modules.load("uses_pkg", '''
 import upkg

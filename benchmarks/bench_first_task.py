@@ -1,0 +1,142 @@
+"""Time from ``run()`` to the first task running: engines started in the background vs cold.
+
+Each measure is a fresh Python process (a fresh kernel: nothing imported or started before),
+so that one-time costs are counted as a user meets them:
+
+* nbindustria, engines started at load: ``cluster.start_in_background(2)`` (what
+  ``NBINDUSTRIA_ENGINES=2`` does when the extension loads), wait until it is up, then a
+  ``Pipeline(engines=2)`` with one call recorded and ``run()``;
+* nbindustria, cold: the same without the background start (``run()`` starts the cluster);
+* raw ipyparallel, cold (context): ``ipyparallel.Cluster(n=2)``, start it, connect, wait for
+  the engines, run one task.
+
+Measured from the moment ``run()`` is called: the task's RUNNING event (the kernel sent it) and
+the moment its body started on the engine (the DONE event's ``started``: same host, same
+clock); and the whole ``run()``. Goal (issue 4): <= 1.5 s to the first task running with the
+engines started at load (a cold ipyparallel cluster takes about 6.6 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from _bench import Contender, NullStream, Report, interleave, parser, scratch
+
+CHILD_TIMEOUT = 240.0
+
+
+def first(i):
+    return i
+
+
+def child(mode: str, root: str) -> None:
+    """One measure, in this (fresh) process; prints one JSON line."""
+    t_start = time.time()
+    if mode == "ipp-cold":
+        import ipyparallel
+
+        t0 = time.time()
+        cluster = ipyparallel.Cluster(n=2, cluster_id=f"bench-{os.getpid()}", log_level=40)
+        client = cluster.start_and_connect_sync()
+        try:
+            client.wait_for_engines(2, timeout=120)
+            started = client[client.ids[0]].apply_sync(time.time)
+            end = time.time()
+        finally:
+            client.close()
+            cluster.stop_cluster_sync()
+        print(json.dumps({"running": started - t0, "started": started - t0, "run": end - t0}))
+        return
+
+    from nbindustria import Pipeline
+    from nbindustria import cluster as cluster_mod
+    from nbindustria.events import DONE, RUNNING
+
+    try:
+        if mode == "nbi-warm":
+            cluster_mod.start_in_background(2).result(timeout=180)
+        t_ready = time.time()
+        pipe = Pipeline(name="bench", cache_dir=os.path.join(root, f"cache-{os.getpid()}"),
+                        key_dir=os.path.join(root, "keys"), engines=2, verbose=0,
+                        stream=NullStream())
+        pipe.task(first)(0)
+        t0 = time.time()
+        summary = pipe.run()
+        end = time.time()
+        if summary.ran != 1:
+            raise SystemExit(f"expected one task to run: {summary.line()}")
+        events = pipe.events.since(0)
+        running = next(e.time for e in events if e.kind == RUNNING)
+        done = next(e for e in events if e.kind == DONE)
+        pipe.close()
+    finally:
+        cluster_mod.stop_shared()
+    print(json.dumps({"running": running - t0, "started": (done.started or 0.0) - t0,
+                      "run": end - t0, "prepare": t_ready - t_start}))
+
+
+def run_child(mode: str, root: str) -> dict:
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", mode, root],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # Stop what that child started (its engines and controller), then the child.
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        proc.communicate()
+        raise SystemExit(f"{mode}: no answer within {CHILD_TIMEOUT:g} s") from None
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} failed ({proc.returncode}):\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
+        return 0
+    p = parser(__doc__.splitlines()[0], repeat=5)
+    args = p.parse_args()
+    report = Report("first_task", "Time from run() to the first task running, on 2 local "
+                    "engines (each measure in a fresh process)", args)
+    with scratch("first-task", args.keep, args.scratch_base) as root:
+        contenders = []
+        for mode, name in (("nbi-warm", "nbindustria, engines started at load"),
+                           ("nbi-cold", "nbindustria, cold (run() starts the engines)"),
+                           ("ipp-cold", "raw ipyparallel, cold cluster")):
+            def measure(mode: str = mode) -> dict:
+                return run_child(mode, str(root))
+            contenders.append(Contender(name, measure))
+        # Each measure is a fresh process: no warm-up needed (and none would help).
+        interleave(contenders, args.repeat, warmup=False)
+
+    warm, cold, ipp = contenders
+    for c in contenders:
+        report.row(f"{c.name}: to RUNNING", c.phase("running"), "s", c.phase("running"))
+        report.row(f"{c.name}: to the task's start on the engine", c.phase("started"), "s",
+                   c.phase("started"))
+        report.row(f"{c.name}: whole run()", c.phase("run"), "s", c.phase("run"))
+    report.ratio("nbindustria, engines started at load: run() to RUNNING",
+                 warm.phase("running"), 1.5, unit=" s", at_most=True)
+    report.ratio("nbindustria, engines started at load: run() to the task's start on the "
+                 "engine", warm.phase("started"), None, unit=" s")
+    report.ratio("nbindustria cold: run() to RUNNING", cold.phase("running"), None, unit=" s")
+    report.ratio("raw ipyparallel cold: start to the first task's start", ipp.phase("started"),
+                 None, unit=" s")
+    report.ratio("cold / started at load (to RUNNING)", cold.phase("running")
+                 / warm.phase("running"), None)
+    report.note("a measure's wall time in the table's first column includes starting Python "
+                "and stopping its cluster; the rate column is the phase itself")
+    report.print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
