@@ -107,14 +107,25 @@ class _Host:
 class EngineExecutor:
     """Places jobs on ipyparallel engines (see the module docstring for the policy)."""
 
-    def __init__(self, engines: Engines, resources: dict[int, dict[str, float]] | None = None,
-                 gpus_per_host: dict[str, float] | None = None):
+    def __init__(self, engines: Engines,
+                 resources: dict[int | str, dict[str, float]] | None = None,
+                 gpus_per_host: dict[str, float] | None = None, *,
+                 share_store: bool | None = None):
+        """``resources``: custom resources per engine id, host name, or ``"*"`` (every engine),
+        as ``ray start --resources`` (default: ``NBINDUSTRIA_ENGINE_RESOURCES``, JSON).
+        ``gpus_per_host``: GPUs per host name or ``"*"`` (default: ``NBINDUSTRIA_HOST_GPUS``).
+        ``share_store=False`` makes results travel back to the kernel even when engines could
+        reach the cache directory (None: probe each engine)."""
         self.engines = engines
-        self._custom = dict(resources or {})
-        self._gpus = dict(gpus_per_host or {})
+        self._custom = _setting_json("NBINDUSTRIA_ENGINE_RESOURCES") if resources is None \
+            else dict(resources)
+        self._gpus = _setting_json("NBINDUSTRIA_HOST_GPUS") if gpus_per_host is None \
+            else dict(gpus_per_host)
+        self._share_store = share_store
         self._engines: dict[int, _Engine] = {}
         self._hosts: dict[str, _Host] = {}
         self._store_tmp: str | None = None
+        self._store: Store | None = None
         self._store_path: str | None = None
         self._pending: dict[int, list[tuple[Job, TaskOptions]]] = {}
         self._report: Callable[[Outcome], None] | None = None
@@ -150,6 +161,12 @@ class EngineExecutor:
     def n_engines(self) -> int:
         return sum(1 for e in self._engines.values() if e.alive)
 
+    def _resources_of(self, engine_id: int, host: str) -> dict[str, float]:
+        for key in (engine_id, str(engine_id), host, "*"):
+            if key in self._custom:
+                return {str(k): float(v) for k, v in self._custom[key].items()}
+        return {}
+
     def set_resources(self, engine_id: int, resources: dict[str, float]) -> None:
         """Custom resources an engine offers (as ``ray start --resources``)."""
         self._custom[engine_id] = dict(resources)
@@ -173,7 +190,7 @@ class EngineExecutor:
     def _add(self, info: EngineInfo) -> None:
         engine = _Engine(id=info.id, host=info.host, pid=info.pid, cores=info.cores,
                          memory=info.memory, label=f"engine {info.id} ({info.host}:{info.pid})",
-                         resources=dict(self._custom.get(info.id, {})))
+                         resources=self._resources_of(info.id, info.host))
         if self._store_path is not None:
             # An engine that joins mid-run is not probed (the others are busy and answer one
             # request at a time): it reaches the store if it shares a host with one that does;
@@ -181,8 +198,9 @@ class EngineExecutor:
             engine.reaches_store = any(e.reaches_store and e.host == info.host
                                        for e in self._engines.values())
         self._engines[info.id] = engine
+        gpus = self._gpus.get(info.host, self._gpus.get("*", 0.0))
         self._hosts.setdefault(info.host, _Host(cores=info.cores, memory=info.memory,
-                                                gpus=self._gpus.get(info.host, 0.0)))
+                                                gpus=float(gpus)))
 
     def store_dir_for_jobs(self, store: Store) -> str | None:
         # Called at the start of each run: functions are pickled again, since a global they
@@ -191,9 +209,13 @@ class EngineExecutor:
         self._measured.clear()
         for engine in self._engines.values():
             engine.functions.clear()
+        self._store = store
         self._store_path = str(store.path)
         self._store_tmp = str(store.entries_dir)
-        reach = self.engines.check_shared_dir(self._store_tmp)
+        if self._share_store is False:
+            reach: dict[int, bool] = {}
+        else:
+            reach = self.engines.check_shared_dir(self._store_tmp)
         for engine in self._engines.values():
             engine.reaches_store = bool(reach.get(engine.id))
         return self._store_tmp
@@ -273,7 +295,10 @@ class EngineExecutor:
             raise EngineError(f"no engine is free for {job.label}")  # the loop checked first
         self._reserve(engine, options)
         if not engine.reaches_store:
+            # The engine cannot read the store: its inputs go with the job, loaded (and
+            # checked, signature included) here; its result comes back by value.
             job.tmp_dir = None
+            job.args, job.kwargs = self._inputs_by_value(job)
         elif engine.host != self._local_host:
             job.fsync = True  # our syncfs does not reach another host's page cache
         batch = self._pending.setdefault(engine.id, [])
@@ -285,6 +310,26 @@ class EngineExecutor:
         budget = max(1, min(BATCH_MAX, int(BATCH_TARGET_SECONDS / max(expected, 1e-4))))
         if len(batch) >= budget:
             self._send(engine)
+
+    def _inputs_by_value(self, job: Job) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        from .worker import Input, substitute
+
+        store = self._store
+        assert store is not None
+
+        def load(item: Input) -> Any:
+            return store.load(item.key)
+
+        return substitute(job.args, load), substitute(job.kwargs, load)
+
+    def engine_cannot_reach_store(self, engine_label: str) -> bool:
+        """An engine failed to read an entry the kernel finds whole: stop sharing the store
+        with it. Returns True if that engine was sharing it."""
+        for engine in self._engines.values():
+            if engine.label == engine_label and engine.reaches_store:
+                engine.reaches_store = False
+                return True
+        return False
 
     def flush(self) -> None:
         """Send every batch being filled (the scheduler calls this after each dispatch)."""
@@ -460,6 +505,22 @@ class EngineExecutor:
         interrupt = getattr(self.engines, "interrupt_busy", None)
         if interrupt is not None:
             interrupt()
+
+
+def _setting_json(variable: str) -> dict[Any, Any]:
+    import json
+
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise NbindustriaError(f"{variable} must be JSON such as '{{\"*\": {{\"bigdb\": 1}}}}' "
+                               f"(got {text!r}: {exc})") from None
+    if not isinstance(value, dict):
+        raise NbindustriaError(f"{variable} must be a JSON object (got {text!r})")
+    return value
 
 
 def _lost(key: str, node: str, engine: _Engine, why: str) -> Outcome:

@@ -200,6 +200,7 @@ class Run:
         self._timings: list[tuple[Any, ...]] = []
         self._unreadable: set[str] = set()
         self._deaths: dict[str, list[str]] = {}
+        self._last_engine: dict[str, str] = {}
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -530,6 +531,7 @@ class Run:
             self._staged.append((staged, handle, outcome))
             return
         if outcome.bad_input is not None:
+            self._last_engine[handle.node_id] = outcome.engine
             self._redo_input(handle, *outcome.bad_input)
             return
         if outcome.error_type == "EngineLost":
@@ -566,6 +568,14 @@ class Run:
         """An input failed its check where the task ran: move it aside, run it again, then
         this task."""
         upstream = next((d for d in self._encoding_of(handle).handles if d.key == bad_key), None)
+        if self.store.verify(bad_key) is None:
+            # The entry is whole here: the engine could not read it (it does not share the
+            # cache directory after all). Never move a good entry aside: send the inputs to
+            # that engine by value from now on, and run the task again.
+            stop_sharing = getattr(self.executor, "engine_cannot_reach_store", None)
+            if stop_sharing is not None and stop_sharing(outcome_engine(handle, self)):
+                self._requeue(handle, f"inputs sent by value: {reason}")
+                return
         self.store.reject(bad_key, reason, upstream.label if upstream else "")
         handle.state = "added"
         if upstream is None:
@@ -576,6 +586,13 @@ class Run:
         self.waiting[handle.node_id] = sum(
             1 for d in self.graph.deps[handle.node_id]
             if self.graph.nodes[d].state not in ("done", "cached"))
+
+    def _requeue(self, handle: Handle[Any], reason: str) -> None:
+        handle.state = "queued"
+        handle.reason = reason
+        self._seq += 1
+        heapq.heappush(self._ready, (-self._priorities.get(handle.node_id, 0.0), self._seq,
+                                     handle.node_id))
 
     def _requeue_upstream(self, upstream: Upstream) -> None:
         self._unreadable.add(upstream.key or "")
@@ -706,6 +723,10 @@ class Run:
             run_id = cursor.lastrowid
             conn.executemany("INSERT INTO timings VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                              [(run_id, *t) for t in self._timings])
+
+
+def outcome_engine(handle: Handle[Any], run: Run) -> str:
+    return run._last_engine.get(handle.node_id, "")
 
 
 class _RetryInputs(Exception):

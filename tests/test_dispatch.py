@@ -292,3 +292,32 @@ def test_interrupt_keeps_finished_work_and_resumes(tmp_path, engines):
     for engine_id in engines.ids():
         assert engines.client[engine_id].apply_async(os.getpid).get(timeout=5) > 0
     assert not any(h.state == "done" for h in slow)
+
+
+def where_am_i(i: int) -> int:
+    return os.getpid()
+
+
+def test_custom_resources_place_tasks_only_where_they_exist(tmp_path, engines):
+    first = min(engines.ids())
+    pipe = Pipeline(name="t", cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys",
+                    verbose=0)
+    pipe._executor = EngineExecutor(engines, resources={first: {"bigdb": 1}})
+    needs_db = pipe.task(where_am_i, resources={"bigdb": 1})
+    handles = [needs_db(i) for i in range(4)]
+    pipe.run()
+    pid_of_first = next(info.pid for info in engines.info() if info.id == first)
+    assert {h.result() for h in handles} == {pid_of_first}
+
+
+def test_results_travel_back_when_engines_cannot_reach_the_store(tmp_path, engines):
+    pipe = Pipeline(name="t", cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys",
+                    verbose=0)
+    pipe._executor = EngineExecutor(engines, share_store=False)
+    make = pipe.task(make_array)
+    red = pipe.task(reduce_array)
+    outs = [red(make(i, 1)) for i in range(3)]
+    pipe.run()
+    assert [h.result() for h in outs] == [2.0 * i for i in range(3)]
+    assert all(e["reaches_store"] is False for e in pipe.executor.engine_table())
+    assert pipe.store.verify_all(quarantine=False) == {}
