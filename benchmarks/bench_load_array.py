@@ -90,14 +90,18 @@ class Fixture:
 
 def load_and_touch(fixture: Fixture, load, sums: dict, name: str):
     def run() -> dict:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         value = load()
         t1 = time.perf_counter()
+        c1 = time.process_time()
         total = float(value.sum())
         t2 = time.perf_counter()
+        c2 = time.process_time()
         sums.setdefault(name, total)
         fixture.value = value  # released untimed, in the teardown
-        return {"load": t1 - t0, "load + sum": t2 - t0}
+        return {"load": t1 - t0, "load + sum": t2 - t0, "cpu load": c1 - c0,
+                "cpu load + sum": c2 - c0}
 
     return run
 
@@ -138,11 +142,15 @@ def main() -> int:
         for phase in ("load", "load + sum"):
             seconds = c.phase(phase)
             report.row(f"{c.name}: {phase}", seconds, "GB/s", size / seconds / 1e9,
-                       spread=(min(c.phases[phase]), max(c.phases[phase])))
+                       spread=(min(c.phases[phase]), max(c.phases[phase])),
+                       cpu=c.phase(f"cpu {phase}"))
     nbi, nbi_mem, nbi_pipe, job, job_mm, npl, npl_mm = contenders
     for phase in ("load", "load + sum"):
         report.ratio(f"nbindustria Store.load (default) vs np.load, {phase}, speed",
                      npl.phase(phase) / nbi.phase(phase), 1.0)
+    report.ratio("same (load + sum), by CPU time of the process",
+                 npl.phase("cpu load + sum") / nbi.phase("cpu load + sum"), None,
+                 headline=False)
     report.ratio("nbindustria Store.load(mmap_arrays=False) vs np.load, load + sum, speed",
                  npl.phase("load + sum") / nbi_mem.phase("load + sum"), 1.0, headline=False)
     report.ratio("nbindustria Pipeline .result() vs np.load, load + sum, speed",

@@ -96,12 +96,12 @@ const CSS = `
 .nbi-node[data-state="running"] .box { animation: nbi-pulse 1.2s ease-in-out infinite; }
 .nbi-node.group .count { fill: var(--nbi-fg2); font-size: 10.5px; dominant-baseline: central; text-anchor: end; }
 .nbi-empty { padding: 28px; text-align: center; color: var(--nbi-fg3); }
-.nbi-drawer { position: absolute; top: 36px; right: 0; bottom: 0; width: min(380px, 60%); background: var(--nbi-bg);
+.nbi-drawer { position: absolute; top: 36px; right: 0; bottom: 0; width: min(420px, 62%); background: var(--nbi-bg);
   border-left: 1px solid var(--nbi-border); box-shadow: -8px 0 18px rgba(0,0,0,.10); overflow-y: auto;
   padding: 12px 14px; transform: translateX(102%); transition: transform .18s ease; }
 .nbi-drawer.open { transform: none; }
 .nbi-graph.has-drawer .nbi-scroll { min-height: 420px; }
-.nbi-drawer h4 { margin: 0 0 8px; display: flex; align-items: flex-start; gap: 8px; font-size: 12.5px; font-weight: 600;
+.nbi-dash .nbi-drawer h4 { margin: 0 0 8px; display: flex; align-items: flex-start; gap: 8px; font-size: 12.5px; font-weight: 600;
   font-family: var(--jp-code-font-family, ui-monospace, monospace); word-break: break-all; }
 .nbi-drawer h4 .nbi-label { flex: 1 1 auto; }
 .nbi-close { border: none; background: none; color: var(--nbi-fg2); cursor: pointer; font-size: 16px; line-height: 1; padding: 0 2px; }
@@ -110,11 +110,12 @@ const CSS = `
 .nbi-rows { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: 3px 14px; margin: 0 0 10px; }
 .nbi-rows .nbi-k { color: var(--nbi-fg2); white-space: nowrap; }
 .nbi-rows .nbi-v { font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }
-.nbi-why { margin: 0 0 8px; padding: 7px 9px; border-radius: 5px; background: var(--nbi-bg2); }
+.nbi-dash p.nbi-why { margin: 0 0 8px; padding: 7px 9px; border-radius: 5px; background: var(--nbi-bg2); line-height: 1.4; }
 .nbi-error { color: var(--jp-error-color1, #d32f2f); font-weight: 600; word-break: break-word; }
-.nbi-tb { margin: 0; padding: 8px 10px; border-radius: 5px; background: var(--jp-cell-editor-background, var(--nbi-bg2));
-  border: 1px solid var(--nbi-border); font-family: var(--jp-code-font-family, ui-monospace, monospace);
-  font-size: 11px; line-height: 1.4; white-space: pre; overflow-x: auto; max-height: 260px; margin-bottom: 10px; }
+/* ".nbi-dash pre" outranks JupyterLab's ".jp-OutputArea-output pre" */
+.nbi-dash pre.nbi-tb { margin: 0 0 10px; padding: 8px 10px; border-radius: 5px; background: var(--jp-cell-editor-background, var(--nbi-bg2));
+  border: 1px solid var(--nbi-border); color: var(--nbi-fg); font-family: var(--jp-code-font-family, ui-monospace, monospace);
+  font-size: 11px; line-height: 1.45; white-space: pre-wrap; word-break: normal; overflow-wrap: break-word; overflow-y: auto; max-height: 240px; }
 /* plotly charts next to the widget (same VBox): follow the JupyterLab theme */
 .nbi-dashboard .js-plotly-plot .main-svg .xtick text, .nbi-dashboard .js-plotly-plot .main-svg .ytick text,
 .nbi-dashboard .js-plotly-plot .main-svg .g-xtitle text, .nbi-dashboard .js-plotly-plot .main-svg .g-ytitle text

@@ -131,6 +131,9 @@ class EngineExecutor:
         self._report: Callable[[Outcome], None] | None = None
         self._msg_seq = 0
         self._messages: dict[int, Any] = {}  # msg id -> AsyncResult
+        # What the last free_slot_for found: (options, short, engine); any change of the
+        # placement state (a send, a finished job, engines joining) forgets it.
+        self._slot: tuple[TaskOptions, bool, _Engine] | None = None
         self._last_poll = 0.0
         # Durations measured in this run, per task name: (count, total seconds).
         self._measured: dict[str, tuple[int, float]] = {}
@@ -175,6 +178,7 @@ class EngineExecutor:
 
     def _refresh(self) -> None:
         """Take in engines that joined; forget engines that left while idle."""
+        self._slot = None
         ids = set(self.engines.ids())
         known = {i for i, e in self._engines.items() if e.alive}
         if ids - known:
@@ -258,7 +262,8 @@ class EngineExecutor:
     def _candidate(self, options: TaskOptions, short: bool) -> _Engine | None:
         best: _Engine | None = None
         for engine in self._engines.values():
-            if not engine.alive or not self._custom_fits(engine, options):
+            if not engine.alive or (options.resources
+                                    and not self._custom_fits(engine, options)):
                 continue
             if engine.messages == 0 or (short and engine.short and engine.messages < SHORT_INFLIGHT):
                 pass
@@ -283,14 +288,22 @@ class EngineExecutor:
         return expected
 
     def free_slot_for(self, options: TaskOptions, expected: float = UNKNOWN) -> bool:
-        return self._candidate(options, self._expected(options, expected) < SHORT_TASK) is not None
+        short = self._expected(options, expected) < SHORT_TASK
+        engine = self._candidate(options, short)
+        # The scheduler submits right after asking: remember the answer for that submit.
+        self._slot = (options, short, engine) if engine is not None else None
+        return engine is not None
 
     def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None],
                expected: float = UNKNOWN) -> None:
         self._report = report
         expected = self._expected(options, expected)
         short = expected < SHORT_TASK
-        engine = self._candidate(options, short)
+        slot, self._slot = self._slot, None
+        if slot is not None and slot[0] is options and slot[1] == short:
+            engine: _Engine | None = slot[2]  # nothing changed since free_slot_for found it
+        else:
+            engine = self._candidate(options, short)
         if engine is None:
             raise EngineError(f"no engine is free for {job.label}")  # the loop checked first
         self._reserve(engine, options)
@@ -371,8 +384,12 @@ class EngineExecutor:
     def _hold(self, engine: _Engine) -> None:
         """Reserve on the engine's host the largest need of the jobs it holds."""
         needs = engine.needs
-        new = ((max(n[0] for n in needs), max(n[1] for n in needs), max(n[2] for n in needs))
-               if needs else (0.0, 0, 0.0))
+        if len(needs) == 1:
+            new = next(iter(needs))
+        elif needs:
+            new = (max(n[0] for n in needs), max(n[1] for n in needs), max(n[2] for n in needs))
+        else:
+            new = (0.0, 0, 0.0)
         old = engine.held
         if new == old:
             return
@@ -383,24 +400,18 @@ class EngineExecutor:
         engine.held = new
 
     def _send(self, engine: _Engine) -> None:
-        import cloudpickle
-
         batch = self._pending.pop(engine.id, [])
         if not batch:
             return
+        self._slot = None
         functions: dict[str, bytes] = {}
         jobs: list[tuple[str, Job]] = []
         for job, _options in batch:
-            blob = _function_blob(job.func)
-            digest = xxhash.xxh3_64_hexdigest(blob)
+            blob, digest = _function_blob(job.func)
             if digest not in engine.functions:
                 functions[digest] = blob
                 engine.functions.add(digest)
-            func, job.func = job.func, None  # type: ignore[assignment]
-            try:
-                jobs.append((digest, _copy_job(job)))
-            finally:
-                job.func = func
+            jobs.append((digest, job))
         self._msg_seq += 1
         msg = self._msg_seq
         for job, options in batch:
@@ -411,8 +422,8 @@ class EngineExecutor:
         assert report is not None
         view = self.engines.client[engine.id]
         try:
-            async_result = view.apply_async(_run_batch, functions,
-                                            cloudpickle.dumps(jobs), engine.label)
+            async_result = view.apply_async(_run_batch, functions, _pickle_jobs(jobs),
+                                            engine.label)
         except Exception as exc:
             engine.functions.clear()
             for job, _options in batch:
@@ -435,6 +446,7 @@ class EngineExecutor:
 
     def finished(self, outcome: Outcome) -> None:
         """The loop thread took an outcome: free what its job held."""
+        self._slot = None
         for engine in self._engines.values():
             entry = engine.jobs.pop(outcome.node_id, None)
             if entry is None:
@@ -529,19 +541,30 @@ def _lost(key: str, node: str, engine: _Engine, why: str) -> Outcome:
                    error_message=f"{engine.label} was lost: {why}")
 
 
-def _copy_job(job: Job) -> Job:
-    from dataclasses import replace
+def _pickle_jobs(jobs: list[tuple[str, Job]]) -> bytes:
+    """cloudpickle of (function digest, job) pairs, without the functions: they travel apart,
+    once per engine. The jobs are pickled as they are (no copies); their functions are put
+    back before this returns, also when pickling fails."""
+    import cloudpickle
 
-    return replace(job)
+    funcs = [job.func for _digest, job in jobs]
+    try:
+        for _digest, job in jobs:
+            job.func = None  # type: ignore[assignment]
+        return cloudpickle.dumps(jobs)
+    finally:
+        for (_digest, job), func in zip(jobs, funcs, strict=True):
+            job.func = func
 
 
-_BLOBS: dict[int, tuple[Any, bytes]] = {}
+_BLOBS: dict[int, tuple[Any, bytes, str]] = {}
 
 
-def _function_blob(func: Any) -> bytes:
-    """cloudpickle of a task's function, made once per function object and run. Functions of
-    user code (a notebook, a script, modules beside them: anything not installed) travel by
-    value, since engines may not be able to import them; installed ones by reference."""
+def _function_blob(func: Any) -> tuple[bytes, str]:
+    """cloudpickle of a task's function and its digest, made once per function object and
+    run. Functions of user code (a notebook, a script, modules beside them: anything not
+    installed) travel by value, since engines may not be able to import them; installed ones
+    by reference."""
     import sys
 
     import cloudpickle
@@ -550,7 +573,7 @@ def _function_blob(func: Any) -> bytes:
 
     cached = _BLOBS.get(id(func))
     if cached is not None and cached[0] is func:
-        return cached[1]
+        return cached[1], cached[2]
     module = sys.modules.get(getattr(func, "__module__", "") or "")
     by_value = (module is not None and module.__name__ not in ("__main__", "__mp_main__")
                 and library_version(module.__name__) is None)
@@ -561,8 +584,9 @@ def _function_blob(func: Any) -> bytes:
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
-    _BLOBS[id(func)] = (func, blob)
-    return blob
+    digest = xxhash.xxh3_64_hexdigest(blob)
+    _BLOBS[id(func)] = (func, blob, digest)
+    return blob, digest
 
 
 def engine_pid_alive(pid: int) -> bool:

@@ -662,7 +662,6 @@ def _packages_distributions() -> dict[str, list[str]]:
 
 
 @functools.cache
-@functools.cache
 def _distributions_of(toplevel: str) -> list[str]:
     """Distributions that provide a top-level module. Most are named like their module: ask for
     that one first (cheap); scanning every installed distribution takes about a second."""
@@ -676,6 +675,7 @@ def _distributions_of(toplevel: str) -> list[str]:
     return list(_packages_distributions().get(toplevel, []))
 
 
+@functools.cache
 def library_version(module_name: str) -> str | None:
     """``"dist==version"`` for a module installed from a distribution, ``"python==X.Y"`` for the
     standard library and builtins, None for user code (hashed by its source)."""
@@ -755,6 +755,7 @@ class CodeHasher:
         finally:
             self._in_progress.discard(ident)
             still_open = self._open.pop()
+        recursive = ident in still_open
         still_open.discard(ident)
         if still_open:
             # Mutually recursive with a function higher up, whose code this digest names only
@@ -762,6 +763,10 @@ class CodeHasher:
             # this one directly must see that function's code), so it is not memoized.
             if self._open:
                 self._open[-1] |= still_open
+            return info
+        if recursive:
+            # Part of a recursion: computed again wherever it is reached, so that its digest
+            # does not depend on which function of the cycle was hashed first.
             return info
         self._memo[ident] = info
         self._keepalive.append(target)

@@ -157,6 +157,19 @@ class Pipeline:
         encoding = encode_call(task, args, kwargs, provenance=self.provenance_of)
         nid = node_id(task, encoding)
         handle = self._nodes.get(nid)
+        if handle is not None and handle.encoding is not None and handle.encoding.mutable:
+            now = self._node_id_now(handle)
+            if now != nid:
+                # Its arguments were changed in place since it was recorded (a list passed to
+                # it): it is another call now, filed under what it is; this call is new.
+                del self._nodes[nid]
+                pending = self._recorded.pop(nid, None)
+                if now is not None:
+                    handle.node_id = now
+                    self._nodes.setdefault(now, handle)
+                    if pending is not None:
+                        self._recorded.setdefault(now, handle)
+                handle = None
         if handle is None:
             handle = Handle(task, args, kwargs, nid, self)
             self._nodes[nid] = handle
@@ -170,6 +183,14 @@ class Pipeline:
         handle.encoding = encoding
         self._recorded[nid] = handle
         return handle
+
+    def _node_id_now(self, handle: Handle[Any]) -> str | None:
+        """The node id of a recorded call as its arguments are now (None: unhashable now)."""
+        try:
+            return node_id(handle.task, encode_call(handle.task, handle.args, handle.kwargs,
+                                                    provenance=self.provenance_of))
+        except TypeError:  # HashingError included
+            return None
 
     @property
     def handles(self) -> list[Handle[Any]]:

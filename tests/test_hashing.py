@@ -400,6 +400,13 @@ def test_mutual_recursion_never_hides_an_edit() -> None:
         h2.info(after[first])
         assert h1.info(before["b"]).digest != h2.info(after["b"]).digest
         assert h1.info(before["a"]).digest != h2.info(after["a"]).digest
+    # ...and a digest does not depend on what was hashed before it (no needless miss).
+    for name in ("a", "b"):
+        warm = CodeHasher()
+        warm.info(before["a" if name == "b" else "b"])
+        assert warm.info(before[name]).digest == CodeHasher().info(before[name]).digest
+    fib = exec_cell("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n")
+    assert CodeHasher().info(fib["fib"]).digest == CodeHasher().info(fib["fib"]).digest
 
 
 def test_registry_of_functions_that_reads_itself() -> None:

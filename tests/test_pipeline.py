@@ -103,6 +103,23 @@ def test_results_flow_into_arguments_in_containers(pipe: Pipeline) -> None:
     assert target.result() == {"list": [0, (10,)], "set": {20}, "plain": 5}
 
 
+def test_argument_changed_in_place_after_the_call(pipe: Pipeline, counter: Counter) -> None:
+    @pipe.task
+    def total(xs: list[int]) -> int:
+        counter.hit("total")
+        return sum(xs)
+
+    xs = [1]
+    mutated = total(xs)
+    xs.append(2)  # the list is read as it is when the run starts
+    fresh = total([1])  # the call that `mutated` no longer is
+    assert fresh is not mutated
+    pipe.run()
+    assert (mutated.result(), fresh.result()) == (3, 1)
+    assert total([1, 2]).result() == 3  # the same value: a cache hit
+    assert counter["total"] == 2
+
+
 def test_run_only_what_the_handles_need(pipe: Pipeline, counter: Counter) -> None:
     @pipe.task
     def f(x: int) -> int:

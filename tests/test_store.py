@@ -234,7 +234,7 @@ def test_key_others_could_read_or_replace_is_refused(store: Store, cache_dir: Pa
         Store(cache_dir, key_dir)
     store.key_path.chmod(0o600)
     key_dir.chmod(0o777)
-    with pytest.raises(UnsafeCacheDirError, match="key directory .* writable by others"):
+    with pytest.raises(UnsafeCacheDirError, match=r"key directory .* writable by others"):
         Store(cache_dir, key_dir)
     key_dir.chmod(0o700)
     if os.geteuid() == 0:

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from harness import VIEWPORT, open_notebook, run_all, screenshot, set_theme, wait_until_idle
 
+PlaywrightTimeout = pytest.importorskip("playwright.sync_api").TimeoutError
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 # The charts are one plotly figure: timeline on axes x/y, memory on x2/y2, cache on x3/y3.
@@ -80,6 +82,13 @@ def test_dashboard_in_jupyterlab(lab, page):
     run_all(page)
     page.locator(".nbi-dash").first.wait_for(timeout=90_000)
     clock.lap("header and graph shown")
+    # While the run goes on (best effort: a slow machine may show it only when it has ended).
+    live = page.locator(".nbi-dash:has(.nbi-pill.running)").first
+    try:
+        live.locator("g.nbi-node[data-state='running']").first.wait_for(timeout=5_000)
+        screenshot(live, "dashboard-light-live")
+    except PlaywrightTimeout:
+        print("the run ended before the dashboard showed it running")
     runs = expectations(page)
     wait_until_idle(page)
     clock.lap("all cells run")
