@@ -294,8 +294,15 @@ class EngineExecutor:
         self._slot = (options, short, engine) if engine is not None else None
         return engine is not None
 
+    @property
+    def memory_limit(self) -> int | None:
+        """The smallest memory of the hosts the engines run on (the charts draw it)."""
+        hosts = [h.memory for h in self._hosts.values() if h.memory]
+        return min(hosts) if hosts else None
+
     def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None],
-               expected: float = UNKNOWN) -> None:
+               expected: float = UNKNOWN, placed: Callable[[str], None] | None = None,
+               ) -> None:
         self._report = report
         expected = self._expected(options, expected)
         short = expected < SHORT_TASK
@@ -307,6 +314,8 @@ class EngineExecutor:
         if engine is None:
             raise EngineError(f"no engine is free for {job.label}")  # the loop checked first
         self._reserve(engine, options)
+        if placed is not None:
+            placed(engine.label)
         if not engine.reaches_store:
             # The engine cannot read the store: its inputs go with the job, loaded (and
             # checked, signature included) here; its result comes back by value.

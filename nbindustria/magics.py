@@ -70,6 +70,9 @@ def _shown_plainly(exc: BaseException) -> BaseException:
 @ma.argument("--dryrun", action="store_true", help="say what would run; run nothing")
 @ma.argument("--no-dashboard", action="store_true",
              help="a progress bar and the text lines instead of the dashboard")
+@ma.argument("--allow-failures", action="store_true",
+             help="show failed tasks (dashboard, text) without raising, so that the cells "
+                  "after this one still run (e.g. Run All)")
 def _run_args() -> None:
     """Run the task calls this cell makes; cached results are reused.
 
@@ -271,6 +274,10 @@ class NotebookSession:
             raise _shown_plainly(exc) from None
         failure: PipelineError | None = None
         progress = _Progress(self.pipe.events, self.dashboard and not args.no_dashboard, shell)
+        # The dashboard shows every task: the text log keeps only failures and the summary.
+        verbose = self.pipe.reporter.verbose
+        if progress.is_dashboard:
+            self.pipe.reporter.verbose = 0
         try:
             summary = self.pipe.run(*calls, rerun=args.rerun, dryrun=args.dryrun or None)
             self.last = {"summary": summary, "failures": [], "interrupted": False}
@@ -294,6 +301,7 @@ class NotebookSession:
             raise _shown_plainly(exc) from None
         finally:
             progress.close()
+            self.pipe.reporter.verbose = verbose
         if args.dryrun:
             return
         self._bind_results(source, before)
@@ -303,7 +311,9 @@ class NotebookSession:
 
             display(value)
         if failure is not None:
-            raise failure
+            if not args.allow_failures:
+                raise failure
+            print(f"%%pipeline run: {failure}", file=sys.stderr)
 
     def _check_rerun(self, names: list[str], calls: list[Handle[Any]]) -> None:
         if not names:
@@ -734,6 +744,7 @@ class _Progress:
 
     def __init__(self, events: Any, dashboard: bool, shell: Any):
         self._close: Callable[[], None] | None = None
+        self.is_dashboard = False
         if getattr(shell, "kernel", None) is None:
             return  # a terminal: the text lines (and tqdm) are the view
         from IPython.display import display
@@ -747,6 +758,7 @@ class _Progress:
                 print(f"(dashboard unavailable: {type(exc).__name__}: {exc})", file=sys.stderr)
             else:
                 display(board.widget)
+                self.is_dashboard = True
 
                 def finish() -> None:
                     board.refresh()

@@ -335,6 +335,21 @@ class Pipeline:
         return key
 
 
+    def dashboard(self, start: str | int = "last") -> Any:
+        """The dashboard of this pipeline's runs, as a widget to display: ``start="last"`` shows
+        the last (or current) run, ``"next"`` follows the next run live."""
+        from .dashboard import Dashboard
+
+        return Dashboard(self.events, start=start)
+
+    def report(self, path: str | os.PathLike[str], title: str | None = None) -> Path:
+        """Write the dashboard of the last run as one standalone HTML file (plotly inlined:
+        it opens with no network)."""
+        from .dashboard import write_report
+
+        return Path(write_report(self.events, path, title=title or self.name))
+
+
 _default: Pipeline | None = None
 
 

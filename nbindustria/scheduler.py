@@ -88,7 +88,11 @@ class Executor(Protocol):
     def free_slot_for(self, options: TaskOptions, expected: float = 1.0) -> bool: ...
 
     def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None],
-               expected: float = 1.0) -> None: ...
+               expected: float = 1.0, placed: Callable[[str], None] | None = None,
+               ) -> None: ...
+
+    @property
+    def memory_limit(self) -> int | None: ...
 
     def flush(self) -> None: ...
 
@@ -125,8 +129,16 @@ class LocalExecutor:
         assert self._store is not None
         return self._store.load(item.key)  # checks the signature too: this is the kernel
 
+    @property
+    def memory_limit(self) -> int | None:
+        from .worker import total_memory
+
+        return total_memory()
+
     def submit(self, job: Job, options: TaskOptions, report: Callable[[Outcome], None],
-               expected: float = 1.0) -> None:
+               expected: float = 1.0, placed: Callable[[str], None] | None = None) -> None:
+        if placed is not None:
+            placed("kernel")
         self._running = True
         try:
             report(execute(job, self._load, engine="kernel"))
@@ -257,6 +269,7 @@ class Run:
         self._emit(RUN_START, info={"pipeline": self.pipeline_name, "tasks": len(graph),
                                     "engines": self.executor.description,
                                     "n_engines": self.executor.n_engines,
+                                    "memory_limit": self.executor.memory_limit,
                                     "run": self.run_number, "dryrun": self.dryrun})
         for node_id in graph.order:
             handle = graph.nodes[node_id]
@@ -458,9 +471,12 @@ class Run:
             return
         handle.state = "running"
         self._in_flight[handle.node_id] = handle
-        self._emit(RUNNING, handle)
+
+        def placed(engine: str) -> None:  # called by the executor once it chose where
+            self._emit(RUNNING, handle, engine=engine, started=time.time())
+
         self.executor.submit(job, handle.task.options, self.outcomes.put,
-                             self.expected.get(handle.node_id, 1.0))
+                             self.expected.get(handle.node_id, 1.0), placed)
 
     def _input(self, dep: Upstream) -> Input:
         assert dep.key is not None

@@ -147,6 +147,16 @@ def current_rss() -> int:
         return int(_process.memory_info().rss)
 
 
+def total_memory() -> int | None:
+    """Physical memory of this host in bytes."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except (ImportError, OSError):
+        return None
+
+
 def _user_traceback(exc: BaseException) -> str:
     """The traceback from the task's own frame down (our frames are noise to the user)."""
     tb = exc.__traceback__

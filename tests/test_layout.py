@@ -11,9 +11,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "nbindustria"
 
-ORDER = ["errors", "config", "task", "graph", "hashing", "keys", "store", "events", "worker",
-         "explain", "scheduler", "reporting", "cluster", "dispatch", "pipeline", "panels",
-         "dashboard", "magics", "cli"]
+ORDER = ["errors", "config", "task", "graph", "hashing", "keys", "store", "events", "panels",
+         "dashboard", "worker", "explain", "scheduler", "reporting", "cluster", "dispatch",
+         "pipeline", "cellcache", "magics", "cli"]
 
 
 def package_imports(path: Path) -> list[tuple[str, int]]:

@@ -74,6 +74,10 @@ def start_lab(scratch: Path, timeout: float = 60) -> Lab:
         "JUPYTERLAB_SETTINGS_DIR": str(scratch / "lab-settings"),
         "JUPYTERLAB_WORKSPACES_DIR": str(scratch / "lab-workspaces"),
         "IPYTHONDIR": str(scratch / "ipython"),
+        # A cache of its own: the notebook's first run must really run.
+        "NBINDUSTRIA_CACHE_DIR": str(scratch / "nbi-cache"),
+        "NBINDUSTRIA_KEY_DIR": str(scratch / "nbi-keys"),
+        "NBINDUSTRIA_CONFIG": str(scratch / "nbi-config.json"),
         # The kernel imports nbindustria from this checkout even when it is not installed.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }

@@ -54,6 +54,8 @@ def rendered_states(dash: Any) -> dict[str, int]:
 
 def check_dashboard(page: Any, dash: Any, expect: dict[str, Any]) -> None:
     counts = {state: n for state, n in expect["counts"].items() if n}
+    # Lab skips the layout of off-screen outputs (content-visibility): their text reads empty.
+    dash.scroll_into_view_if_needed()
     # The header's final count, then the graph: one node per task, in its state.
     dash.locator(".nbi-frac b").filter(has_text=str(expect["total"])).wait_for()
     assert dash.locator(".nbi-name").inner_text() == expect["pipeline"]
@@ -93,6 +95,7 @@ def test_dashboard_in_jupyterlab(lab, page):
     wait_until_idle(page)
     clock.lap("all cells run")
     dashboards = page.locator(".nbi-dashboard")
+    screenshot(page, "dashboard-light-after-run")  # what was there when the checks began
     assert dashboards.count() == len(runs), "one dashboard per run"
     for index, expect in enumerate(runs):
         check_dashboard(page, dashboards.nth(index), expect)

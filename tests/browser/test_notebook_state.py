@@ -24,7 +24,6 @@ def test_saved_widget_state_holds_the_final_counts(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("anywidget")
     shutil.copy(NOTEBOOKS / "dashboard.ipynb", tmp_path)
-    shutil.copy(NOTEBOOKS.parent / "synthetic.py", tmp_path)
     # The kernel imports nbindustria from this checkout even when it is not installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
