@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ParamSpec, TextIO, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TextIO, TypeVar, overload
 
 from .config import Settings
 from .errors import NbindustriaError, StoreError
@@ -335,7 +335,7 @@ class Pipeline:
         return key
 
 
-    def dashboard(self, start: str | int = "last") -> Any:
+    def dashboard(self, start: Literal["last", "next"] | int = "last") -> Any:
         """The dashboard of this pipeline's runs, as a widget to display: ``start="last"`` shows
         the last (or current) run, ``"next"`` follows the next run live."""
         from .dashboard import Dashboard
@@ -347,7 +347,7 @@ class Pipeline:
         it opens with no network)."""
         from .dashboard import write_report
 
-        return Path(write_report(self.events, path, title=title or self.name))
+        return Path(write_report(self.events, Path(path), title=title or self.name))
 
 
 _default: Pipeline | None = None
