@@ -540,6 +540,25 @@ def _register_numpy_if_needed() -> None:
         _LAZY["numpy"]()
 
 
+def scalar_encoding(value: Any) -> bytes | None:
+    """The encoding of an int, float, str, bool or None, exactly as ValueEncoder writes it,
+    without making an encoder (the hot path of recording calls); None for anything else."""
+    tp = type(value)
+    if tp is int:
+        text = str(value).encode()
+        return b"i" + _pack_len(len(text)) + text
+    if tp is str:
+        data = value.encode("utf-8", "surrogatepass")
+        return b"s" + _pack_len(len(data)) + data
+    if tp is float:
+        return b"f" + _pack_double(value)
+    if tp is bool:
+        return b"T" if value else b"F"
+    if value is None:
+        return b"N"
+    return None
+
+
 def encode_value(value: Any, path: str = "value", *,
                  on_handle: Callable[[Any], bytes | None] | None = None,
                  code: CodeHasher | None = None) -> ValueEncoder:

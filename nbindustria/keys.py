@@ -25,7 +25,7 @@ import xxhash
 
 from .errors import HashingError
 from .graph import iter_handles
-from .hashing import ENCODING_VERSION, CodeHasher, Unhashable, ValueEncoder
+from .hashing import ENCODING_VERSION, CodeHasher, Unhashable, ValueEncoder, scalar_encoding
 from .task import Handle, ResultRef, Task
 
 _pack_u32 = struct.Struct("<I").pack
@@ -44,9 +44,45 @@ class CallEncoding:
     mutable: bool  # something in the arguments could change in place: encode again before use
 
 
+_NO_FAST_PATH = (None, None)
+
+
+def _fast_params(task: Task[Any, Any]) -> tuple[tuple[str, ...] | None, dict[str, Any] | None]:
+    """(parameter names, defaults) when every parameter is plain positional-or-keyword, so that
+    binding is a zip; (None, None) otherwise. Cached on the task (its function never changes)."""
+    cached = task.__dict__.get("_nbi_fast_params")
+    if cached is None:
+        import inspect
+
+        params = list(task.signature.parameters.values())
+        if all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+            cached = (tuple(p.name for p in params),
+                      {p.name: p.default for p in params if p.default is not p.empty})
+        else:
+            cached = _NO_FAST_PATH
+        task.__dict__["_nbi_fast_params"] = cached
+    return cached  # type: ignore[no-any-return]
+
+
 def bind(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Arguments by parameter name, defaults applied. Raises a clear TypeError when the call
     does not fit the function (naming the task)."""
+    names, defaults = _fast_params(task)
+    if names is not None and defaults is not None and len(args) <= len(names):
+        # The common case, without inspect's general machinery (the same result, in the
+        # signature's order); anything unusual takes the general path for its error message.
+        bound = dict(zip(names, args, strict=False))
+        rest = names[len(args):]
+        if all(k in rest for k in kwargs):
+            for name in rest:
+                if name in kwargs:
+                    bound[name] = kwargs[name]
+                elif name in defaults:
+                    bound[name] = defaults[name]
+                else:
+                    break
+            else:
+                return bound
     try:
         bound = task.signature.bind(*args, **kwargs)
     except TypeError as exc:
@@ -63,6 +99,10 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
     all_handles: list[Upstream] = []
     mutable = False
     for name, value in arguments.items():
+        scalar = scalar_encoding(value)
+        if scalar is not None:  # most arguments: no encoder, no handles, nothing mutable
+            params.append((name, scalar, []))
+            continue
         found: list[Upstream] = []
 
         def on_handle(obj: Any, found: list[Upstream] = found) -> bytes | None:
