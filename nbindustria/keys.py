@@ -61,7 +61,7 @@ def _fast_params(task: Task[Any, Any]) -> tuple[tuple[str, ...] | None, dict[str
         else:
             cached = _NO_FAST_PATH
         task.__dict__["_nbi_fast_params"] = cached
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 def bind(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

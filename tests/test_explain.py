@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Counter, ModuleWriter, exec_cell
+from support import Counter, ModuleWriter, exec_cell
 
 from nbindustria.errors import CorruptEntryWarning
 from nbindustria.explain import diff_manifests

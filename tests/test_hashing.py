@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import exec_cell
 from helpers_tasks import Point, Slotted, double
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import exec_cell
 
 from nbindustria.errors import HashingError
 from nbindustria.hashing import (

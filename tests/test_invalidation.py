@@ -11,7 +11,7 @@ import importlib.metadata
 from typing import Any
 
 import pytest
-from conftest import ModuleWriter, exec_cell
+from support import ModuleWriter, exec_cell
 
 from nbindustria import hashing
 from nbindustria.pipeline import Pipeline

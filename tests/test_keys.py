@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import exec_cell
 from helpers_tasks import Point
+from support import exec_cell
 
 from nbindustria.hashing import ENCODING_VERSION, CodeHasher, tokenize
 from nbindustria.keys import (

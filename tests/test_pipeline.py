@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Counter, exec_cell
+from support import Counter, exec_cell
 
 from nbindustria import (
     CycleError,

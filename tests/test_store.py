@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import Counter
 from helpers_tasks import Point
+from support import Counter
 
 from nbindustria.errors import (
     CorruptEntryWarning,
