@@ -8,7 +8,9 @@ What a user does to run N tiny independent tasks on two local engines:
 * raw ipyparallel: ``LoadBalancedView.apply_async(noop, i)`` N times, then every result
   (``ar.get()``), on the same two engines (nothing stored).
 * Dask distributed: ``LocalCluster(n_workers=2, threads_per_worker=1)``,
-  ``client.map(noop, range(N), pure=False)`` then ``client.gather`` (nothing stored).
+  ``client.map(noop, range(N), pure=False)`` then ``client.gather`` (nothing stored). Dask runs
+  in a process of its own (started once, told what to run), so that its client's threads do not
+  compete with the others for this process's GIL, as they would not for a user.
 
 The contenders alternate repetition by repetition. Goal (issue 4): nbindustria >= 10x the
 ipyparallel rate and >= 5x the Dask rate.
@@ -23,8 +25,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -85,26 +90,67 @@ def ipyparallel_lb(engines: cluster_mod.Engines, n: int) -> None:
     assert values[-1] == n - 1
 
 
-@contextlib.contextmanager
-def dask_cluster(root: Path) -> Iterator[Any]:
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+class DaskProcess:
+    """A Dask ``LocalCluster(n_workers, threads_per_worker=1)`` and its client in a process of
+    their own; ``run(workload, arg)`` runs one workload there and returns its seconds."""
+
+    def __init__(self, root: Path, n_workers: int = 2):
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--dask-child", str(root / "dask"),
+             str(n_workers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()  # "ready"
+
+    def _read(self) -> Any:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            raise SystemExit(f"the Dask process ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, workload: str, arg: Any) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps([workload, arg]) + "\n")
+        self.proc.stdin.flush()
+        return float(self._read())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            import psutil
+
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                child.kill()
+            self.proc.kill()
+            self.proc.wait()
+
+
+def dask_child(directory: str, n_workers: int) -> None:
+    """The Dask process: one JSON request per line in, its seconds out."""
     from dask.distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                           dashboard_address=None, local_directory=str(root / "dask"),
-                           silence_logs=logging.ERROR)
-    client = Client(cluster)
-    try:
-        client.wait_for_workers(2, timeout=60)
-        yield client
-    finally:
-        client.close()
-        cluster.close()
-
-
-def dask_map(client: Any, n: int) -> None:
-    futures = client.map(noop, range(n), pure=False)
-    values = client.gather(futures)
-    assert values[-1] == n - 1
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None, local_directory=directory,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        client.wait_for_workers(n_workers, timeout=120)
+        print(json.dumps("ready"), flush=True)
+        for line in sys.stdin:
+            workload, arg = json.loads(line)
+            t0 = time.perf_counter()
+            if workload == "map":  # arg: how many no-op tasks
+                values = client.gather(client.map(noop, range(arg), pure=False))
+                assert values[-1] == arg - 1
+            elif workload == "sleeps":  # arg: durations, submitted in this order
+                client.gather([client.submit(sleep_for, d, pure=False) for d in arg])
+            else:
+                raise SystemExit(f"unknown workload {workload!r}")
+            print(json.dumps(time.perf_counter() - t0), flush=True)
 
 
 # ---- --phases: where the kernel's time goes ------------------------------------------------------
@@ -178,6 +224,9 @@ def print_phases(nbi: NbiFresh) -> None:
 
 
 def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--dask-child":
+        dask_child(sys.argv[2], int(sys.argv[3]))
+        return 0
     p = parser(__doc__.splitlines()[0], repeat=5)
     p.add_argument("--tasks", type=int, default=3000)
     p.add_argument("--phases", action="store_true",
@@ -189,22 +238,27 @@ def main() -> int:
     report = Report("engines_throughput", f"No-op task throughput on 2 engines, {n:,} tasks",
                     args)
     with scratch("throughput", args.keep, args.scratch_base) as root:
-        engines = cluster_mod.start_local(2)
+        engines = dask = None
         try:
-            with dask_cluster(root) as client:
-                nbi = NbiFresh(root, engines, n)
-                c_nbi = Contender("nbindustria (first run, all misses, stored)", nbi.run,
-                                  setup=nbi.setup, teardown=nbi.teardown)
-                c_ipp = Contender("ipyparallel LoadBalancedView.apply_async",
-                                  lambda: ipyparallel_lb(engines, n))
-                c_dask = Contender("Dask LocalCluster client.map",
-                                   lambda: dask_map(client, n))
-                contenders = [c_nbi, c_ipp, c_dask]
-                interleave(contenders, args.repeat)
+            engines = cluster_mod.start_local(2)
+            dask = DaskProcess(root)
+            nbi = NbiFresh(root, engines, n)
+            c_nbi = Contender("nbindustria (first run, all misses, stored)", nbi.run,
+                              setup=nbi.setup, teardown=nbi.teardown)
+            c_ipp = Contender("ipyparallel LoadBalancedView.apply_async",
+                              lambda: ipyparallel_lb(engines, n))
+            c_dask = Contender("Dask LocalCluster client.map", lambda: dask.run("map", n))
+            contenders = [c_nbi, c_ipp, c_dask]
+            interleave(contenders, args.repeat)
+            dask.close()
+            dask = None
             if args.phases:
                 print_phases(NbiFresh(root, engines, n))
         finally:
-            engines.stop()
+            if dask is not None:
+                dask.close()
+            if engines is not None:
+                engines.stop()
 
     for c in contenders:
         report.contender_row(c, "tasks/s", n / c.median)

@@ -99,7 +99,6 @@ def modules(tmp_path: Path) -> Iterator[ModuleWriter]:
     writer.close()
 
 
-_cells = 0
 
 
 Runner = Callable[..., object]

@@ -88,6 +88,9 @@ class ModuleWriter:
             sys.path.remove(str(self.root))
 
 
+_cells = 0  # numbers the fake cells: each gets a file name of its own
+
+
 def exec_cell(source: str, namespace: dict[str, object] | None = None,
               module_name: str = "__cell__") -> dict[str, object]:
     """Run source as a notebook cell does: under a fresh fake file name registered in

@@ -73,7 +73,11 @@ def check_dashboard(page: Any, dash: Any, expect: dict[str, Any]) -> None:
     # The timeline: one bar per executed task (plotly's own data on the rendered plot).
     page.wait_for_function(TIMELINE_BARS, arg=[dash.element_handle(), expect["bars"]],
                            timeout=90_000)  # plotly's widget is 5 MB of JavaScript to load
-    assert {"timeline", "memory", "cache"} <= set(dash.evaluate(CHART_TITLES))
+    # The charts arrive after the header (their figure is built in the background): wait for
+    # their titles rather than reading them once.
+    page.wait_for_function(f"(dash) => {{ const t = ({CHART_TITLES})(dash); "
+                           "return ['timeline', 'memory', 'cache'].every(n => t.includes(n)); }",
+                           arg=dash.element_handle(), timeout=90_000)
     assert dash.locator(".js-plotly-plot .main-svg .barlayer .point").count() >= expect["bars"]
 
 
