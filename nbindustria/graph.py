@@ -42,15 +42,21 @@ def iter_handles(value: Any, _seen: set[int] | None = None) -> Iterator[Handle[A
             yield from iter_handles(item, seen)
 
 
+_SCALARS = frozenset({int, float, str, bool, bytes, type(None)})
+
+
 def direct_deps(handle: Handle[Any]) -> list[Handle[Any]]:
     """The distinct handles a call's arguments refer to, in order of first appearance."""
     found: dict[str, Handle[Any]] = {}
-    for arg in handle.args:
-        for dep in iter_handles(arg):
-            found.setdefault(dep.node_id, dep)
-    for arg in handle.kwargs.values():
-        for dep in iter_handles(arg):
-            found.setdefault(dep.node_id, dep)
+    for values in (handle.args, handle.kwargs.values()):
+        for arg in values:
+            if type(arg) in _SCALARS:  # the common case: nothing to walk
+                continue
+            if type(arg) is Handle:
+                found.setdefault(arg.node_id, arg)
+                continue
+            for dep in iter_handles(arg):
+                found.setdefault(dep.node_id, dep)
     return list(found.values())
 
 
