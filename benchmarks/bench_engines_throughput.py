@@ -168,9 +168,11 @@ PHASES = {
 
 
 @contextlib.contextmanager
-def phase_timers() -> Iterator[tuple[dict[str, float], collections.Counter]]:
-    """Wrap the methods in PHASES with timers for as long as the context lasts (inclusive
-    times: a phase's time includes the phases it calls)."""
+def phase_timers(phases: dict[str, list[str]] | None = None,
+                 ) -> Iterator[tuple[dict[str, float], collections.Counter]]:
+    """Wrap the functions in ``phases`` (default PHASES: {"module.Class" or "module": [names]})
+    with timers for as long as the context lasts (inclusive times: a phase's time includes the
+    phases it calls)."""
     import importlib
 
     seconds: dict[str, float] = collections.defaultdict(float)
@@ -188,7 +190,7 @@ def phase_timers() -> Iterator[tuple[dict[str, float], collections.Counter]]:
                 calls[label] += 1
         return wrapper
 
-    for where, names in PHASES.items():
+    for where, names in (PHASES if phases is None else phases).items():
         module, _, cls = where.rpartition(".")
         try:
             owner = getattr(importlib.import_module(module), cls)

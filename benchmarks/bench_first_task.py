@@ -28,6 +28,16 @@ from _bench import Contender, NullStream, Report, interleave, parser, scratch
 
 CHILD_TIMEOUT = 240.0
 
+# Timed in each nbindustria measure (inclusive times, in the fresh process), to show where the
+# time to the first task goes.
+PHASES = {
+    "nbindustria.cluster": ["shared_local"],
+    "nbindustria.cluster.Engines": ["info", "check_shared_dir"],
+    "nbindustria.dispatch.EngineExecutor": ["__init__", "store_dir_for_jobs", "submit"],
+    "nbindustria.pipeline.Pipeline": ["_make_executor"],
+    "nbindustria.scheduler.Run": ["_priorities_for", "_resolve", "_dispatch"],
+}
+
 
 def first(i):
     return i
@@ -52,10 +62,14 @@ def child(mode: str, root: str) -> None:
         print(json.dumps({"running": started - t0, "started": started - t0, "run": end - t0}))
         return
 
+    from bench_engines_throughput import phase_timers
+
     from nbindustria import Pipeline
     from nbindustria import cluster as cluster_mod
     from nbindustria.events import DONE, RUNNING
 
+    timers = phase_timers(PHASES)
+    seconds, _calls = timers.__enter__()
     try:
         if mode == "nbi-warm":
             cluster_mod.start_in_background(2).result(timeout=180)
@@ -74,9 +88,11 @@ def child(mode: str, root: str) -> None:
         done = next(e for e in events if e.kind == DONE)
         pipe.close()
     finally:
+        timers.__exit__(None, None, None)
         cluster_mod.stop_shared()
     print(json.dumps({"running": running - t0, "started": (done.started or 0.0) - t0,
-                      "run": end - t0, "prepare": t_ready - t_start}))
+                      "run": end - t0, "prepare": t_ready - t_start,
+                      **{f"phase {k}": v for k, v in seconds.items()}}))
 
 
 def run_child(mode: str, root: str) -> dict:
@@ -118,11 +134,20 @@ def main() -> int:
         interleave(contenders, args.repeat, warmup=False)
 
     warm, cold, ipp = contenders
-    for c in contenders:
-        report.row(f"{c.name}: to RUNNING", c.phase("running"), "s", c.phase("running"))
-        report.row(f"{c.name}: to the task's start on the engine", c.phase("started"), "s",
-                   c.phase("started"))
-        report.row(f"{c.name}: whole run()", c.phase("run"), "s", c.phase("run"))
+
+    def row(c: Contender, text: str, phase: str) -> None:
+        values = c.phases[phase]
+        report.row(f"{c.name}: {text}", c.phase(phase), "s", c.phase(phase),
+                   spread=(min(values), max(values)))
+
+    for c in (warm, cold):
+        row(c, "to RUNNING", "running")
+        row(c, "to the task's start on the engine", "started")
+        row(c, "whole run()", "run")
+    row(ipp, "to the task's start on the engine", "started")
+    for name in sorted(warm.phases):
+        if name.startswith("phase "):
+            row(warm, f"in run(): {name[6:]}", name)
     report.ratio("nbindustria, engines started at load: run() to RUNNING",
                  warm.phase("running"), 1.5, unit=" s", at_most=True)
     report.ratio("nbindustria, engines started at load: run() to the task's start on the "
@@ -132,8 +157,8 @@ def main() -> int:
                  None, unit=" s")
     report.ratio("cold / started at load (to RUNNING)", cold.phase("running")
                  / warm.phase("running"), None)
-    report.note("a measure's wall time in the table's first column includes starting Python "
-                "and stopping its cluster; the rate column is the phase itself")
+    report.note("times from the moment run() is called; 'in run()' rows: inclusive time of "
+                "that function during the run (engines started at load)")
     report.print()
     return 0
 

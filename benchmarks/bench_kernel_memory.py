@@ -23,7 +23,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import psutil
 from _bench import Contender, NullStream, Report, interleave, parser, scratch
 
@@ -35,6 +34,8 @@ MB = 1_000_000
 
 
 def produce(i, nbytes):
+    import numpy as np  # ipyparallel sends this function's code, not its module's globals
+
     a = np.empty(nbytes // 8, dtype=np.float64)
     a.fill(float(i))
     return a

@@ -6,7 +6,8 @@ them all, in the same submission order, and is timed from the first submission t
 result:
 
 * ipyparallel ``LoadBalancedView.apply_async`` (dynamic, in submission order);
-* Dask distributed ``LocalCluster(n_workers=2, threads_per_worker=1)``, ``client.submit``;
+* Dask distributed ``LocalCluster(n_workers=2, threads_per_worker=1)``, ``client.submit``
+  (in a process of its own, see bench_engines_throughput.py);
 * static round-robin, ndustria's MPI mode: task i goes to engine i % 2 (a ``DirectView``);
 * nbindustria, first run (fresh cache: no duration is known);
 * nbindustria with recorded durations: the same calls on a cache that holds them, run again
@@ -20,18 +21,16 @@ to last task end). Goal (issue 4): <= 1.08 on a first run, <= 1.03 with recorded
 
 from __future__ import annotations
 
-import contextlib
 import heapq
-import logging
 import shutil
+import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from _bench import Contender, NullStream, Report, interleave, parser, scratch
+from bench_engines_throughput import DaskProcess
 
 from nbindustria import Pipeline
 from nbindustria import cluster as cluster_mod
@@ -47,6 +46,8 @@ def sleep_task(i, seconds):
 
 
 def sleep_for(seconds):
+    import time  # ipyparallel sends this function's code, not its module's globals
+
     time.sleep(seconds)
     return seconds
 
@@ -116,27 +117,6 @@ def round_robin(engines: cluster_mod.Engines, ds: list[float]) -> None:
         ar.get()
 
 
-@contextlib.contextmanager
-def dask_cluster(root: Path) -> Iterator[Any]:
-    from dask.distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=ENGINES, threads_per_worker=1, processes=True,
-                           dashboard_address=None, local_directory=str(root / "dask"),
-                           silence_logs=logging.ERROR)
-    client = Client(cluster)
-    try:
-        client.wait_for_workers(ENGINES, timeout=60)
-        yield client
-    finally:
-        client.close()
-        cluster.close()
-
-
-def dask_submit(client: Any, ds: list[float]) -> None:
-    futures = [client.submit(sleep_for, d, pure=False) for d in ds]
-    client.gather(futures)
-
-
 def main() -> int:
     p = parser(__doc__.splitlines()[0], repeat=5)
     p.add_argument("--tasks", type=int, default=48)
@@ -151,28 +131,32 @@ def main() -> int:
                     f"work, longest {max(ds):.2f} s, seed {args.seed}) on {ENGINES} engines; "
                     f"lower bound {bound:.3f} s", args)
     with scratch("makespan", args.keep, args.scratch_base) as root:
-        engines = cluster_mod.start_local(ENGINES)
+        engines = dask = None
         try:
-            with dask_cluster(root) as client:
-                first = Nbi(root, engines, ds, fresh=True)
-                recorded = Nbi(root, engines, ds, fresh=False)
-                recorded.run()  # fill the cache: durations recorded (untimed)
-                recorded.spans.clear()
-                contenders = [
-                    Contender("ipyparallel LoadBalancedView", lambda: ipyparallel_lb(engines, ds)),
-                    Contender("Dask LocalCluster submit", lambda: dask_submit(client, ds)),
-                    Contender("static round-robin (ndustria MPI mode)",
-                              lambda: round_robin(engines, ds)),
-                    Contender("nbindustria, first run", first.run, setup=first.setup,
-                              teardown=first.teardown),
-                    Contender("nbindustria, recorded durations (rerun forced)", recorded.run),
-                ]
-                interleave(contenders, args.repeat)
-                # The warm-up runs are not among the spans of the timed ones.
-                first.spans = first.spans[-args.repeat:]
-                recorded.spans = recorded.spans[-args.repeat:]
+            engines = cluster_mod.start_local(ENGINES)
+            dask = DaskProcess(root, ENGINES)
+            first = Nbi(root, engines, ds, fresh=True)
+            recorded = Nbi(root, engines, ds, fresh=False)
+            recorded.run()  # fill the cache: durations recorded (untimed)
+            recorded.spans.clear()
+            contenders = [
+                Contender("ipyparallel LoadBalancedView", lambda: ipyparallel_lb(engines, ds)),
+                Contender("Dask LocalCluster submit", lambda: dask.run("sleeps", ds)),
+                Contender("static round-robin (ndustria MPI mode)",
+                          lambda: round_robin(engines, ds)),
+                Contender("nbindustria, first run", first.run, setup=first.setup,
+                          teardown=first.teardown),
+                Contender("nbindustria, recorded durations (rerun forced)", recorded.run),
+            ]
+            interleave(contenders, args.repeat)
+            # The warm-up runs are not among the spans of the timed ones.
+            first.spans = first.spans[-args.repeat:]
+            recorded.spans = recorded.spans[-args.repeat:]
         finally:
-            engines.stop()
+            if dask is not None:
+                dask.close()
+            if engines is not None:
+                engines.stop()
 
     for c in contenders:
         report.contender_row(c, "x the lower bound", c.median / bound)
@@ -188,8 +172,6 @@ def main() -> int:
                  list_schedule(ds) / bound, None)
     report.ratio("zero-overhead longest-first / lower bound",
                  list_schedule(sorted(ds, reverse=True)) / bound, None)
-    import statistics
-
     for name, nbi in (("first run", first), ("recorded durations", recorded)):
         report.ratio(f"nbindustria {name}: span on the engines / lower bound",
                      statistics.median(nbi.spans) / bound, None)

@@ -135,8 +135,9 @@ class EngineExecutor:
         # placement state (a send, a finished job, engines joining) forgets it.
         self._slot: tuple[TaskOptions, bool, _Engine] | None = None
         self._last_poll = 0.0
-        # Durations measured in this run, per task name: (count, total seconds).
-        self._measured: dict[str, tuple[int, float]] = {}
+        # Durations measured in this run, per task name: (calls, total seconds, calls that
+        # were not short).
+        self._measured: dict[str, tuple[int, float, int]] = {}
         self._local_host = socket.gethostname()
         self.replacements = 0
         self.replacement_errors: list[str] = []
@@ -280,11 +281,15 @@ class EngineExecutor:
         """The duration to plan with. The scheduler passes ``UNKNOWN`` (1 s) for a task with no
         recorded duration; once calls of that task finished in this run, their mean is used
         instead, so that a first run of many short tasks switches to batches after the first
-        replies rather than sending every task alone."""
+        replies rather than sending every task alone. A task is batched only if most of its
+        calls were short (more than a tenth long: uneven durations, whose batches would spoil
+        the balance between engines), so a rare slow call does not stop the batching either."""
         if expected == UNKNOWN:
             measured = self._measured.get(options.name)
             if measured is not None:
-                return measured[1] / measured[0]
+                count, total, long_calls = measured
+                mean = total / count
+                return mean if long_calls <= count / 10 else max(mean, SHORT_TASK)
         return expected
 
     def free_slot_for(self, options: TaskOptions, expected: float = UNKNOWN) -> bool:
@@ -464,8 +469,9 @@ class EngineExecutor:
             engine.done += 1
             self._release(engine, options)
             if outcome.ok or outcome.error_type not in ("EngineLost", "InputUnusable"):
-                count, total = self._measured.get(options.name, (0, 0.0))
-                self._measured[options.name] = (count + 1, total + outcome.duration)
+                count, total, long_calls = self._measured.get(options.name, (0, 0.0, 0))
+                self._measured[options.name] = (count + 1, total + outcome.duration,
+                                                long_calls + (outcome.duration >= SHORT_TASK))
             if msg not in (e[1] for e in engine.jobs.values()):
                 engine.messages = max(0, engine.messages - 1)
                 self._messages.pop(msg, None)

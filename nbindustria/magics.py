@@ -574,6 +574,9 @@ class NotebookSession:
                 raise UsageError("%pipeline engines connect: name the ipcluster profile")
             self.engine_setting = args.profile
             p.use_engines(self.engine_setting)
+            start = getattr(p.executor, "start", None)
+            if start is not None:
+                start()  # connect now, so that a wrong profile is said here
             print(f"connected: {p.executor.description}")
         elif args.action == "stop":
             from . import cluster

@@ -106,9 +106,7 @@ class Pipeline:
     def _make_executor(self, engines: int | str | None) -> Executor:
         if engines is None:
             return LocalExecutor()
-        from .dispatch import EngineExecutor
-
-        return EngineExecutor.from_setting(engines)
+        return _EnginesOnDemand(engines)
 
     def use_engines(self, engines: int | str | None) -> None:
         """Switch where tasks run (None: this process)."""
@@ -348,6 +346,100 @@ class Pipeline:
         from .dashboard import write_report
 
         return Path(write_report(self.events, Path(path), title=title or self.name))
+
+
+class _EnginesOnDemand:
+    """The engine executor, made (engines started or connected) only when a task must run: a
+    run whose results are all cached needs no engines, so it starts none."""
+
+    def __init__(self, setting: int | str):
+        self.setting = setting
+        self._real: Any = None
+        self._store: Store | None = None
+        self._checks: list[tuple[Any, str]] = []
+
+    @property
+    def real(self) -> Any:
+        if self._real is None:
+            from .dispatch import EngineExecutor
+
+            real = EngineExecutor.from_setting(self.setting)
+            for options, label in self._checks:
+                real.check_fits(options, label)
+            if self._store is not None:
+                real.store_dir_for_jobs(self._store)
+            self._real = real
+        return self._real
+
+    @property
+    def started(self) -> bool:
+        return self._real is not None
+
+    @property
+    def description(self) -> str:
+        if self._real is not None:
+            return str(self._real.description)
+        if isinstance(self.setting, int) or self.setting == "auto":
+            return f"{self.setting} local engines (started when a task must run)"
+        return f"the engines of profile {self.setting!r} (connected when a task must run)"
+
+    @property
+    def n_engines(self) -> int:
+        return int(self._real.n_engines) if self._real is not None else 0
+
+    @property
+    def memory_limit(self) -> int | None:
+        return self._real.memory_limit if self._real is not None else None
+
+    def check_fits(self, options: Any, label: str) -> None:
+        if self._real is not None:
+            self._real.check_fits(options, label)
+        else:
+            self._checks.append((options, label))
+
+    def store_dir_for_jobs(self, store: Store) -> str | None:
+        self._store = store
+        self._checks.clear()
+        if self._real is not None:
+            return str(self._real.store_dir_for_jobs(store))
+        return str(store.entries_dir)
+
+    def free_slot_for(self, options: Any, expected: float = 1.0) -> bool:
+        return bool(self.real.free_slot_for(options, expected))
+
+    def submit(self, job: Any, options: Any, report: Any, expected: float = 1.0,
+               placed: Any = None) -> None:
+        self.real.submit(job, options, report, expected, placed)
+
+    def flush(self) -> None:
+        if self._real is not None:
+            self._real.flush()
+
+    def finished(self, outcome: Any) -> None:
+        if self._real is not None:
+            self._real.finished(outcome)
+
+    def cancel_all(self) -> None:
+        if self._real is not None:
+            self._real.cancel_all()
+
+    def poll(self) -> None:
+        if self._real is not None:
+            self._real.poll()
+
+    def start(self) -> Any:
+        """Start or connect the engines now (``%pipeline engines connect``, a warm-up)."""
+        return self.real
+
+    def engine_table(self) -> list[dict[str, Any]]:
+        return list(self.real.engine_table())
+
+    def death_note(self, message: str) -> str:
+        return str(self.real.death_note(message)) if self._real is not None else message
+
+    def engine_cannot_reach_store(self, engine_label: str) -> bool:
+        return bool(self._real.engine_cannot_reach_store(engine_label)) \
+            if self._real is not None else False
 
 
 _default: Pipeline | None = None

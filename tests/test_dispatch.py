@@ -321,3 +321,19 @@ def test_results_travel_back_when_engines_cannot_reach_the_store(tmp_path, engin
     assert [h.result() for h in outs] == [2.0 * i for i in range(3)]
     assert all(e["reaches_store"] is False for e in pipe.executor.engine_table())
     assert pipe.store.verify_all(quarantine=False) == {}
+
+
+def test_a_fully_cached_run_starts_no_engines(tmp_path):
+    first = Pipeline(name="t", cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys",
+                     verbose=0)
+    sq = first.task(small)
+    for i in range(3):
+        sq(i)
+    first.run()
+    again = Pipeline(name="t", cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys",
+                     engines=2, verbose=0)
+    sq2 = again.task(small)
+    handles = [sq2(i) for i in range(3)]
+    assert again.run().cached == 3
+    assert again.executor.started is False  # type: ignore[attr-defined]
+    assert [h.result() for h in handles] == [0, 1, 4]
