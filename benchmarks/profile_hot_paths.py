@@ -272,8 +272,12 @@ def parts(args) -> int:
           "per task; the indented steps are parts of the line above them, measured alone)")
     for name, value in results:
         print(f"{'' if value is None else f'{value * 1e6:8.2f} µs'}  {name}")
-    run_total = dict(results).get("  run: pipe.run() (store already open)")
-    run_parts = [v for k, v in results if k.startswith("    ") and not k.startswith("      ")
+    names = [k for k, _ in results]
+    run_name = "  run: pipe.run() (store already open)"
+    run_total = dict(results).get(run_name)
+    after_run = results[names.index(run_name) + 1:] if run_name in names else []
+    # The run's own steps (indented by 4, not 6); Graph is counted inside _priorities_for.
+    run_parts = [v for k, v in after_run if k.startswith("    ") and not k.startswith("      ")
                  and v is not None and "Graph(handles)" not in k]
     if run_total is not None:
         print(f"{(run_total - sum(run_parts)) * 1e6:8.2f} µs  (run() minus its steps above: "

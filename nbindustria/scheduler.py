@@ -213,6 +213,8 @@ class Run:
         self._unreadable: set[str] = set()
         self._deaths: dict[str, list[str]] = {}
         self._last_engine: dict[str, str] = {}
+        self._expected_cache: dict[str, float] | None = None
+        self._priority_cache: dict[str, float] | None = None
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -274,7 +276,7 @@ class Run:
         for node_id in graph.order:
             handle = graph.nodes[node_id]
             self._emit(ADDED, handle, deps=tuple(graph.deps[node_id]))
-        self._priorities = self._priorities_for(graph)
+        self._priority_cache = None  # made when a task must run
         self.waiting = {n: len(graph.deps[n]) for n in graph.order}
         tmp_dir = self.executor.store_dir_for_jobs(self.store)
         self._tmp_dir = tmp_dir
@@ -293,6 +295,21 @@ class Run:
         if self.failures:
             raise PipelineError(self.failures, skipped=self.summary.skipped)
         return self.summary
+
+    @property
+    def _priorities(self) -> dict[str, float]:
+        # Only a run with work to do needs them: an all-hit run never asks the index for past
+        # durations.
+        if self._priority_cache is None:
+            self._priority_cache = self._priorities_for(self.graph)
+        return self._priority_cache
+
+    @property
+    def expected(self) -> dict[str, float]:
+        if self._expected_cache is None:
+            self._priorities_for(self.graph)
+        assert self._expected_cache is not None
+        return self._expected_cache
 
     def _priorities_for(self, graph: Graph) -> dict[str, float]:
         """Longest remaining critical path, from recorded durations (per call, else per task
@@ -314,7 +331,7 @@ class Run:
                 per_node[node] = float(duration)
         durations = {n: per_node.get(n, per_task.get(h.task.name, 1.0))
                      for n, h in graph.nodes.items()}
-        self.expected = durations
+        self._expected_cache = durations
         return graph.critical_path(durations)
 
     def _resolve(self, frontier: list[str]) -> None:

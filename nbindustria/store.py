@@ -504,9 +504,12 @@ class Index:
             conn.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
 
     def add_hits(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
         with self.transaction() as conn:
-            conn.executemany("UPDATE entries SET hits = hits + 1 WHERE key = ?",
-                             [(k,) for k in keys])
+            for start in range(0, len(keys), 900):  # one statement per chunk, not per key
+                chunk = keys[start:start + 900]
+                conn.execute("UPDATE entries SET hits = hits + 1 WHERE key IN "
+                             f"({','.join('?' * len(chunk))})", chunk)
 
     def put_code(self, digest: str, manifest: dict[str, Any]) -> None:
         with self._lock:
