@@ -50,7 +50,8 @@ INSTALL_HINT = "pip install 'nbindustria[dashboard]'"
 NODE_W, NODE_H, PITCH_X, PITCH_Y, PAD = 144, 24, 176, 30, 14
 
 INTERVAL = 0.33  # seconds between refreshes: at most ~3 a second
-COST_FACTOR = 20  # wait at least 20x what the last refresh cost: under ~5% of one core
+COST_FACTOR = 50  # wait at least 50x what the last refresh cost: about 2% of the GIL, which
+#                  the run shares with this thread
 LINES_ABOVE = 1500  # more timeline bars than this: drawn as line segments (one SVG path per name)
 MEMORY_POINTS = 2000  # at most about this many memory points are drawn (an even sample)
 FONT = "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
