@@ -68,7 +68,7 @@ class EventLog:
         self._events: deque[Event] = deque(maxlen=maxlen)
         self._next = 0
         self._lock = threading.Lock()
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: tuple[Subscriber, ...] = ()  # replaced, never changed in place
 
     def __len__(self) -> int:
         return len(self._events)
@@ -79,11 +79,10 @@ class EventLog:
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(event)`` for every new event; returns a function that unsubscribes."""
-        self._subscribers.append(callback)
+        self._subscribers = (*self._subscribers, callback)
 
         def unsubscribe() -> None:
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
+            self._subscribers = tuple(s for s in self._subscribers if s is not callback)
 
         return unsubscribe
 
@@ -92,13 +91,22 @@ class EventLog:
             event.index = self._next
             self._next += 1
             self._events.append(event)
-        for callback in list(self._subscribers):
+        for callback in self._subscribers:
             callback(event)
         return event
 
     def extend(self, events: Iterable[Event]) -> None:
+        """Append many events at once (one lock for all; subscribers still see each)."""
+        events = list(events)
+        with self._lock:
+            for index, event in enumerate(events, self._next):
+                event.index = index
+            self._next += len(events)
+            self._events.extend(events)
+        subscribers = self._subscribers
         for event in events:
-            self.append(event)
+            for callback in subscribers:
+                callback(event)
 
     def since(self, index: int = 0) -> list[Event]:
         with self._lock:

@@ -77,9 +77,15 @@ class Graph:
         for target in targets:
             if color.get(target.node_id) == BLACK:
                 continue
+            deps = direct_deps(target)
+            if not deps:  # a call with no inputs (most calls of wide graphs): nothing to walk
+                self._add(target, deps)
+                color[target.node_id] = BLACK
+                self.order.append(target.node_id)
+                continue
             stack: list[tuple[Handle[Any], Iterator[Handle[Any]]]] = []
             path: list[Handle[Any]] = []
-            self._enter(target, color, stack, path, GREY)
+            self._enter(target, color, stack, path, GREY, deps)
             while stack:
                 node, children = stack[-1]
                 child = next(children, None)
@@ -99,17 +105,22 @@ class Graph:
 
     def _enter(self, node: Handle[Any], color: dict[str, int],
                stack: list[tuple[Handle[Any], Iterator[Handle[Any]]]],
-               path: list[Handle[Any]], grey: int) -> None:
-        deps = direct_deps(node)
+               path: list[Handle[Any]], grey: int, deps: list[Handle[Any]] | None = None,
+               ) -> None:
+        if deps is None:
+            deps = direct_deps(node)
+        self._add(node, deps)
+        color[node.node_id] = grey
+        stack.append((node, iter(deps)))
+        path.append(node)
+
+    def _add(self, node: Handle[Any], deps: list[Handle[Any]]) -> None:
         node.deps = deps
         self.nodes[node.node_id] = node
         self.deps[node.node_id] = [d.node_id for d in deps]
         self.dependents.setdefault(node.node_id, [])
         for dep in deps:
             self.dependents.setdefault(dep.node_id, []).append(node.node_id)
-        color[node.node_id] = grey
-        stack.append((node, iter(deps)))
-        path.append(node)
 
     def __len__(self) -> int:
         return len(self.nodes)

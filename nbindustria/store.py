@@ -426,6 +426,9 @@ class Index:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.RLock()
+        self._hits_lock = threading.Lock()
+        self._pending_hits: list[str] = []
+        self._hits_writer: threading.Thread | None = None
         self._conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30,
                                      isolation_level=None)
         os.chmod(path, 0o600)
@@ -455,6 +458,7 @@ class Index:
                 os.chmod(f"{path}{suffix}", 0o600)
 
     def close(self) -> None:
+        self.flush_hits()
         with self._lock:
             self._conn.close()
 
@@ -490,6 +494,7 @@ class Index:
 
     def query(self, where: str = "", params: tuple[Any, ...] = (),
               order: str = "created DESC", limit: int | None = None) -> list[IndexRow]:
+        self.flush_hits()
         sql = f"SELECT {','.join(_COLUMNS)} FROM entries"
         if where:
             sql += f" WHERE {where}"
@@ -504,12 +509,38 @@ class Index:
             conn.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
 
     def add_hits(self, keys: Iterable[str]) -> None:
-        keys = list(keys)
-        with self.transaction() as conn:
-            for start in range(0, len(keys), 900):  # one statement per chunk, not per key
-                chunk = keys[start:start + 900]
-                conn.execute("UPDATE entries SET hits = hits + 1 WHERE key IN "
-                             f"({','.join('?' * len(chunk))})", chunk)
+        """Count a cache hit for each key, in the background.
+
+        Hit counts are statistics (``nbindustria ls``); updating 10,000 rows costs a fully
+        cached re-run more than finding its results did, so a thread writes them while the
+        user goes on. Queries (``query``, ``execute``) and closing wait for them first.
+        """
+        with self._hits_lock:
+            self._pending_hits.extend(keys)
+            if self._hits_writer is None:
+                self._hits_writer = threading.Thread(target=self._write_hits,
+                                                     name="nbindustria-hits")
+                self._hits_writer.start()  # not a daemon: the interpreter waits for it
+
+    def _write_hits(self) -> None:
+        while True:
+            with self._hits_lock:
+                keys, self._pending_hits = self._pending_hits, []
+                if not keys:
+                    self._hits_writer = None
+                    return
+            # Statistics: never fail a run for them.
+            with contextlib.suppress(sqlite3.Error), self.transaction() as conn:
+                for start in range(0, len(keys), 900):  # a statement per chunk, not per key
+                    chunk = keys[start:start + 900]
+                    conn.execute("UPDATE entries SET hits = hits + 1 WHERE key IN "
+                                 f"({','.join('?' * len(chunk))})", chunk)
+
+    def flush_hits(self) -> None:
+        """Wait until every counted hit is in the index."""
+        writer = self._hits_writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
 
     def put_code(self, digest: str, manifest: dict[str, Any]) -> None:
         with self._lock:
@@ -523,6 +554,7 @@ class Index:
         return json.loads(row[0]) if row else None
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        self.flush_hits()
         with self._lock:
             return list(self._conn.execute(sql, params))
 

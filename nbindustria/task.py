@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
@@ -168,7 +168,7 @@ class Handle(Generic[R]):
         self.kwargs = kwargs
         self.node_id = node_id
         self.pipeline = pipeline
-        self.deps: list[Handle[Any]] = []  # set by the pipeline when recorded
+        self.deps: Sequence[Handle[Any]] = ()  # set by the graph of a run
         self.encoding: Any = None  # argument encoding cached at call time, if immutable
         self.key: str | None = None
         self.digest: str | None = None  # the result's digest once resolved
@@ -271,7 +271,15 @@ def _holds_handles(value: Any, _seen: set[int] | None = None) -> bool:
                                          _holds_handles(v, seen)) for v in items)
 
 
+# Scalars whose repr is their label as it is (when short): the common call needs no more.
+_PLAIN_REPR = frozenset({int, float, bool, type(None)})
+
+
 def call_label(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    if not kwargs and all(type(a) in _PLAIN_REPR for a in args):
+        parts = [repr(a) for a in args]
+        if all(len(p) <= 40 for p in parts):
+            return f"{name}({', '.join(parts)})"
     parts = [short_repr(a) for a in args]
     parts += [f"{k}={short_repr(v)}" for k, v in kwargs.items()]
     return f"{name}({', '.join(parts)})"

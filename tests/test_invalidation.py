@@ -385,3 +385,18 @@ def test_declared_version(pipe: Pipeline, modules: ModuleWriter) -> None:
     mod = modules.load("tasks_version", source.replace('version="1"', 'version="2"'))
     run_base(pipe, mod)
     assert modules.count("fit") == 2
+
+
+def test_one_function_under_two_declared_versions(pipe: Pipeline, modules: ModuleWriter) -> None:
+    """Two tasks that wrap the same function with different versions keep their own keys in
+    one run: the code digest is looked up per function *and* version (it was a wrong hit)."""
+    mod = modules.load("tasks_two_versions", BASE)
+    v1 = pipe.task(version="1")(mod.fit.func)
+    v2 = pipe.task(version="2")(mod.fit.func)
+    v1([2.0])
+    pipe.run()
+    assert modules.count("fit") == 1
+    first, second = v1([1.0]), v2([2.0])  # v2 of [2.0] never ran: it must not hit v1's entry
+    pipe.run()
+    assert first.state == second.state == "done"
+    assert modules.count("fit") == 3
