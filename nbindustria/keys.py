@@ -99,7 +99,7 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
                 code: CodeHasher | None = None,
                 provenance: ProvenanceLookup | None = None) -> CallEncoding:
     arguments = bind(task, args, kwargs)
-    fast = _scalar_call(arguments)
+    fast = _simple_call(arguments)
     if fast is not None:
         return fast
     params: list[tuple[str, bytes, list[Upstream]]] = []
@@ -136,20 +136,30 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
     return CallEncoding(params, all_handles, mutable, blob)
 
 
-def _scalar_call(arguments: dict[str, Any]) -> CallEncoding | None:
-    """The encoding of a call whose arguments are all scalars (the hot path of recording many
-    small calls), or None. The same bytes as the general path, framed once into ``blob``."""
+# What the general encoder writes for an argument that is a handle itself: a placeholder for
+# the first (and only) upstream of that parameter.
+_LONE_HANDLE = b"H" + _pack_u32(0)
+
+
+def _simple_call(arguments: dict[str, Any]) -> CallEncoding | None:
+    """The encoding of a call whose arguments are all scalars or handles (the hot path of
+    recording many small calls), or None. The same bytes as the general path."""
     params: list[tuple[str, bytes, list[Upstream]]] = []
-    framed: list[bytes] = []
+    handles: list[Upstream] = _NO_HANDLES
     for name, value in arguments.items():
         scalar = scalar_encoding(value)
-        if scalar is None:
+        if scalar is not None:
+            params.append((name, scalar, _NO_HANDLES))
+        elif type(value) is Handle:
+            params.append((name, _LONE_HANDLE, [value]))
+            handles = [*handles, value]
+        else:
             return None
-        params.append((name, scalar, _NO_HANDLES))
-        framed.append(_frame(name, scalar))
+    if handles:
+        return CallEncoding(params, handles, False)
     # Shared empty lists, never mutated: fewer objects per recorded call for the cyclic GC
     # to track (recording 10,000 calls is otherwise largely garbage-collector time).
-    return CallEncoding(params, _NO_HANDLES, False, b"".join(framed))
+    return CallEncoding(params, _NO_HANDLES, False, b"".join(_frame(n, d) for n, d, _ in params))
 
 
 def _frame(name: str, data: bytes) -> bytes:

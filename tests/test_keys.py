@@ -231,3 +231,28 @@ def test_sets_of_handles_do_not_depend_on_iteration_order() -> None:
         nodes.add(node_id(fit, enc))
         keys.add(cache_key(fit, "c", enc, "e"))
     assert len(nodes) == 1 and len(keys) == 1
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((1,), {"tags": 0}), ((1.5, "x"), {"tags": None}), ((None,), {"tags": True}),
+    (("UP",), {"tags": 1}), (("UP", "UP2"), {"tags": ""}), (("UP", 2), {"tags": "UP2"}),
+    ((-0.0,), {"tags": 2**70}), ((b"raw", "UP"), {"tags": "UP2"}), (("UP",), {}),
+])
+def test_fast_encoding_of_simple_calls_is_the_general_encoding(
+        args: tuple[Any, ...], kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls whose arguments are scalars or handles take a shortcut; it must write exactly
+    the bytes of the general encoder (node ids and keys of every user depend on it)."""
+    import nbindustria.keys as keys
+
+    fit = golden_task()
+    ups = {"UP": upstream(fit, "a" * 32, "d" * 32), "UP2": upstream(fit, "b" * 32, "e" * 32)}
+    args = tuple(ups.get(a, a) if isinstance(a, str) else a for a in args)
+    kwargs = {k: ups.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+
+    def digests() -> tuple[str, str, dict[str, str]]:
+        enc = encode_call(fit, args, kwargs)
+        return node_id(fit, enc), cache_key(fit, "code", enc, "py"), arg_digests(enc)
+
+    fast = digests()
+    monkeypatch.setattr(keys, "_simple_call", lambda arguments: None)
+    assert digests() == fast
