@@ -374,20 +374,25 @@ class Run:
             present = self.store.present(lookup) if lookup else {}
             next_frontier: list[str] = []
             hits: list[Event] = []
+            misses: list[Handle[Any]] = []
             for handle in keyed:
                 row = present.get(handle.key or "")
                 if row is not None and not self._forced(handle):
                     hits.append(self._mark_cached(handle, row))
                     next_frontier.extend(self._unblock(handle))
-                elif self.dryrun:
+                else:
+                    misses.append(handle)
+            self.events.extend(hits)  # a level's hits at once (before its dependents' events)
+            reasons = self._reasons_for(misses)
+            for handle in misses:
+                handle.reason = handle.reason or reasons[handle.node_id]
+                if self.dryrun:
                     handle.state = "queued"
-                    handle.reason = self._reason(handle)
                     self.summary.would_run.append(handle.label)
                     self._emit(QUEUED, handle, reason=handle.reason)
                     self._dry_mark_downstream(handle)
                 else:
                     self._enqueue(handle)
-            self.events.extend(hits)  # a level's hits at once (before its dependents' events)
             frontier = next_frontier
 
     def _forced(self, handle: Handle[Any]) -> bool:
@@ -430,24 +435,44 @@ class Run:
         self._emit(QUEUED, handle, reason=handle.reason)
 
     def _reason(self, handle: Handle[Any]) -> str:
-        """A one-line reason (the full explanation with diffs is ``Pipeline.why``)."""
-        if self._forced(handle):
-            return "forced by rerun"
-        if handle.key in self._unreadable:
-            return "its cache entry was unreadable"
-        code_digest, _ = self._code_of(handle.task)
-        rows = self.store.index.query("node = ?", (handle.node_id,), limit=1)
-        if not rows:
-            return "never run with these arguments"
-        previous = rows[0]
-        if previous.code_digest != code_digest:
-            return f"code of {handle.task.name} changed"
-        digests = arg_digests(self._encoding_of(handle))
-        old = json.loads(previous.arg_digests or "{}")
-        changed = [name for name, d in digests.items() if old.get(name) != d]
-        if changed:
-            return "input changed: " + ", ".join(changed)
-        return "environment changed" if previous.key != handle.key else "entry missing"
+        return self._reasons_for([handle])[handle.node_id]
+
+    def _reasons_for(self, handles: list[Handle[Any]]) -> dict[str, str]:
+        """A one-line reason per call that must run (the full explanation with diffs is
+        ``Pipeline.why``), from the latest entry of each call: one query for them all."""
+        reasons: dict[str, str] = {}
+        asked: list[Handle[Any]] = []
+        for handle in handles:
+            if self._forced(handle):
+                reasons[handle.node_id] = "forced by rerun"
+            elif handle.key in self._unreadable:
+                reasons[handle.node_id] = "its cache entry was unreadable"
+            else:
+                asked.append(handle)
+        latest: dict[str, tuple[str, str, str]] = {}
+        nodes = list({h.node_id: None for h in asked})
+        for start in range(0, len(nodes), 900):
+            chunk = nodes[start:start + 900]
+            for node, code_digest, digests, key in self.store.index.execute(
+                    "SELECT node, code_digest, arg_digests, key FROM entries WHERE node IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY created DESC", tuple(chunk)):
+                latest.setdefault(node, (code_digest, digests, key))
+        for handle in asked:
+            previous = latest.get(handle.node_id)
+            if previous is None:
+                reasons[handle.node_id] = "never run with these arguments"
+                continue
+            old_code, old_digests, old_key = previous
+            if old_code != self._code_of(handle.task)[0]:
+                reasons[handle.node_id] = f"code of {handle.task.name} changed"
+                continue
+            old = json.loads(old_digests or "{}")
+            changed = [name for name, d in arg_digests(self._encoding_of(handle)).items()
+                       if old.get(name) != d]
+            reasons[handle.node_id] = ("input changed: " + ", ".join(changed) if changed else
+                                       "environment changed" if old_key != handle.key else
+                                       "entry missing")
+        return reasons
 
     def _loop(self) -> None:
         while True:
