@@ -7,8 +7,10 @@ writes 10,000 small results:
   process; each result is staged by the worker code and committed by the scheduler in groups
   (sign, syncfs, rename, syncfs, index): a result counts as done only once it is durable;
 * nbindustria, the store alone: ``stage_value`` for each entry, then ``Store.commit`` in groups
-  of 256 (the scheduler's batch size) with their index rows;
+  of the scheduler's batch size (``COMMIT_BATCH``) with their index rows (small results are
+  packed in one segment file per group);
 * nbindustria, the store with groups of one entry (on fewer entries), to show what grouping buys;
+* ``Store.present`` of as many keys, all indexed: the lookup a run makes first (index only);
 * the file system's floor: 10,000 small files created, written and closed with plain
   ``os.open``/``os.write``/``os.close`` in one directory, no fsync, no rename: what one file
   per entry costs on this disk before anything else is done;
@@ -35,9 +37,10 @@ import joblib
 from _bench import Contender, NullStream, Report, interleave, parser, scratch
 
 from nbindustria import Pipeline
+from nbindustria.scheduler import COMMIT_BATCH
 from nbindustria.store import Store, row_from_header, stage_value
 
-GROUP = 256
+GROUP = COMMIT_BATCH  # the scheduler's group size
 
 
 def tiny(i):
@@ -63,6 +66,29 @@ class Fresh:
 
     def teardown(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def lookups(n: int, repeat: int, base: str) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of ``Store.present`` over ``n`` keys the index knows (a cache of
+    ``n`` small entries; the lookup a run makes before deciding what to run)."""
+    with scratch("present", False, base) as root:
+        store = Store(root / "cache", root / "keys")
+        keys = [f"{i:032x}" for i in range(n)]
+        meta = {"node": "ab" * 16, "task": "tiny", "label": "tiny(1)", "code_digest": "cd" * 16,
+                "args": {"i": "1"}, "arg_digests": {"i": "ef" * 16}}
+        for start in range(0, n, GROUP):
+            store.commit([stage_value(store.entries_dir, k, 1, meta)
+                          for k in keys[start:start + GROUP]])
+        walls, cpus = [], []
+        for _ in range(max(repeat, 5)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            found = store.present(keys)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            if len(found) != n:
+                sys.exit(f"present found {len(found)} of {n} keys")
+        store.close()
+    return walls, cpus
 
 
 def main() -> int:
@@ -107,8 +133,8 @@ def main() -> int:
                 store.commit(staged, rows)
                 t_stage += tb - ta
                 t_commit += time.perf_counter() - tb
-            store.close()
             written = len(list(store.keys()))
+            store.close()
             if written != count:
                 sys.exit(f"expected {count} entries, found {written}")
             return {"stage": t_stage, "commit": t_commit}
@@ -143,14 +169,22 @@ def main() -> int:
         interleave(contenders, args.repeat, warmup=False)
 
     pipe_c, store_c, single_c, job_c, floor_c = contenders
+    present_times, present_cpu = lookups(n, args.repeat, args.scratch_base)
     for c, count in ((pipe_c, n), (store_c, n), (single_c, args.single), (job_c, n),
                      (floor_c, n)):
         report.contender_row(c, "entries/s", count / c.median)
         for phase in c.phases:
             report.row(f"  {phase} phase", c.phase(phase), "entries/s",
                            count / c.phase(phase))
+    report.row(f"nbindustria Store.present of {n:,} indexed keys",
+               statistics.median(present_times), "keys/s", n / statistics.median(present_times),
+               spread=(min(present_times), max(present_times)),
+               cpu=statistics.median(present_cpu))
     report.ratio("nbindustria Pipeline, durable entries per second", n / pipe_c.median,
                  4000.0, unit="/s")
+    report.ratio("nbindustria Store.present, µs per indexed key (CPU)",
+                 statistics.median(present_cpu) / n * 1e6, 3.0, unit=" µs", at_most=True,
+                 headline=False)
     report.ratio("nbindustria Pipeline, entries per CPU second of the process (disk waits "
                  "excluded)", n / statistics.median(pipe_c.cpu), None, unit="/s",
                  headline=False)

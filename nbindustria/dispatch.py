@@ -61,14 +61,32 @@ def _run_batch(functions: dict[str, bytes], jobs_blob: bytes, engine_label: str)
     for digest, blob in functions.items():
         if digest not in _ENGINE_FUNCTIONS:
             _ENGINE_FUNCTIONS[digest] = cloudpickle.loads(blob)
+    from .store import SegmentWriter
+
     jobs: list[tuple[str, Job]] = cloudpickle.loads(jobs_blob)
     outcomes = []
-    for digest, job in jobs:
-        job.func = _ENGINE_FUNCTIONS[digest]
-        outcome = execute(job, engine_loader, engine=engine_label)
-        if outcome.has_value:  # the kernel stages it: send it by value, cloudpickled
-            outcome.value = cloudpickle.dumps(outcome.value)
-        outcomes.append(outcome)
+    # The small results of the batch go into one part file (one file created per batch, not
+    # per result); the kernel copies each record into its commit's segment and signs it there.
+    writers: dict[str, SegmentWriter] = {}
+    try:
+        for digest, job in jobs:
+            job.func = _ENGINE_FUNCTIONS[digest]
+            writer = None
+            if job.tmp_dir is not None:
+                writer = writers.get(job.tmp_dir)
+                if writer is None:
+                    writer = writers[job.tmp_dir] = SegmentWriter(job.tmp_dir)
+            outcome = execute(job, engine_loader, engine=engine_label, segment=writer)
+            if outcome.has_value:  # the kernel stages it: send it by value, cloudpickled
+                outcome.value = cloudpickle.dumps(outcome.value)
+            outcomes.append(outcome)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    counts = {w.path: w.count for w in writers.values()}
+    for outcome in outcomes:
+        if outcome.staged is not None and outcome.staged.packed:
+            outcome.staged.part_records = counts.get(outcome.staged.path, 0)
     return outcomes
 
 

@@ -22,7 +22,8 @@ Policy.
   from earlier runs where there is one.
 * A result counts as done only once it is committed (signed, flushed, renamed, flushed).
   Commits are grouped: as soon as nothing else is ready to run (someone waits on these
-  results), or 256 results are waiting, or the oldest waited 0.2 s.
+  results), or 1024 results (or 16 MiB of results staged in memory) are waiting, or the oldest
+  waited 0.2 s. Small results of a group become one segment file (see store.py).
 * A failure marks everything downstream skipped; independent work goes on; the run ends with one
   PipelineError that holds every failure. ``retries`` re-runs a call that raised.
 * An input whose entry fails its check is moved aside and its task runs again first.
@@ -66,11 +67,14 @@ from .keys import (
     encode_call,
     key_prefix,
 )
-from .store import BadEntry, IndexRow, Staged, Store
+from .store import BadEntry, IndexRow, Presence, Staged, Store
 from .task import Handle, Task, TaskOptions
 from .worker import Input, Job, Outcome, execute, python_env
 
-COMMIT_BATCH = 256
+# A group commit writes one segment file and flushes it once: larger groups cost less per
+# result. Results staged in memory (the kernel's own) are bounded by COMMIT_BYTES.
+COMMIT_BATCH = 1024
+COMMIT_BYTES = 16 << 20
 MAX_ENGINE_DEATHS = 3
 COMMIT_DELAY = 0.2
 FINAL = frozenset({"done", "cached", "failed", "skipped"})
@@ -210,6 +214,9 @@ class Run:
         self._seq = 0
         self._staged: list[tuple[Staged, Handle[Any], Outcome]] = []
         self._staged_since = 0.0
+        self._staged_bytes = 0
+        self._previous: dict[str, tuple[str, str, str] | None] = {}
+        self._previous_lookups = 0
         self._in_flight: dict[str, Handle[Any]] = {}
         self._attempts: dict[str, int] = {}
         self._hits: list[str] = []
@@ -374,31 +381,26 @@ class Run:
             present = self.store.present(lookup) if lookup else {}
             next_frontier: list[str] = []
             hits: list[Event] = []
-            misses: list[Handle[Any]] = []
             for handle in keyed:
                 row = present.get(handle.key or "")
                 if row is not None and not self._forced(handle):
                     hits.append(self._mark_cached(handle, row))
                     next_frontier.extend(self._unblock(handle))
-                else:
-                    misses.append(handle)
-            self.events.extend(hits)  # a level's hits at once (before its dependents' events)
-            reasons = self._reasons_for(misses)
-            for handle in misses:
-                handle.reason = handle.reason or reasons[handle.node_id]
-                if self.dryrun:
+                elif self.dryrun:
                     handle.state = "queued"
+                    handle.reason = self._reason(handle)
                     self.summary.would_run.append(handle.label)
                     self._emit(QUEUED, handle, reason=handle.reason)
                     self._dry_mark_downstream(handle)
                 else:
                     self._enqueue(handle)
+            self.events.extend(hits)  # a level's hits at once (before its dependents' events)
             frontier = next_frontier
 
     def _forced(self, handle: Handle[Any]) -> bool:
         return handle.task.options.rerun or handle.task.name in self.rerun_names
 
-    def _mark_cached(self, handle: Handle[Any], row: IndexRow) -> Event:
+    def _mark_cached(self, handle: Handle[Any], row: Presence) -> Event:
         """Resolve a call from its entry; returns its event, for the caller to append."""
         handle.state = "cached"
         handle.digest = row.result_digest
@@ -435,44 +437,46 @@ class Run:
         self._emit(QUEUED, handle, reason=handle.reason)
 
     def _reason(self, handle: Handle[Any]) -> str:
-        return self._reasons_for([handle])[handle.node_id]
+        """A one-line reason (the full explanation with diffs is ``Pipeline.why``)."""
+        if self._forced(handle):
+            return "forced by rerun"
+        if handle.key in self._unreadable:
+            return "its cache entry was unreadable"
+        code_digest, _ = self._code_of(handle.task)
+        previous = self._previous_result(handle.node_id)
+        if previous is None:
+            return "never run with these arguments"
+        previous_key, previous_code, previous_args = previous
+        if previous_code != code_digest:
+            return f"code of {handle.task.name} changed"
+        digests = arg_digests(self._encoding_of(handle))
+        old = json.loads(previous_args or "{}")
+        changed = [name for name, d in digests.items() if old.get(name) != d]
+        if changed:
+            return "input changed: " + ", ".join(changed)
+        return "environment changed" if previous_key != handle.key else "entry missing"
 
-    def _reasons_for(self, handles: list[Handle[Any]]) -> dict[str, str]:
-        """A one-line reason per call that must run (the full explanation with diffs is
-        ``Pipeline.why``), from the latest entry of each call: one query for them all."""
-        reasons: dict[str, str] = {}
-        asked: list[Handle[Any]] = []
-        for handle in handles:
-            if self._forced(handle):
-                reasons[handle.node_id] = "forced by rerun"
-            elif handle.key in self._unreadable:
-                reasons[handle.node_id] = "its cache entry was unreadable"
-            else:
-                asked.append(handle)
-        latest: dict[str, tuple[str, str, str]] = {}
-        nodes = list({h.node_id: None for h in asked})
-        for start in range(0, len(nodes), 900):
-            chunk = nodes[start:start + 900]
-            for node, code_digest, digests, key in self.store.index.execute(
-                    "SELECT node, code_digest, arg_digests, key FROM entries WHERE node IN "
-                    f"({','.join('?' * len(chunk))}) ORDER BY created DESC", tuple(chunk)):
-                latest.setdefault(node, (code_digest, digests, key))
-        for handle in asked:
-            previous = latest.get(handle.node_id)
-            if previous is None:
-                reasons[handle.node_id] = "never run with these arguments"
-                continue
-            old_code, old_digests, old_key = previous
-            if old_code != self._code_of(handle.task)[0]:
-                reasons[handle.node_id] = f"code of {handle.task.name} changed"
-                continue
-            old = json.loads(old_digests or "{}")
-            changed = [name for name, d in arg_digests(self._encoding_of(handle)).items()
-                       if old.get(name) != d]
-            reasons[handle.node_id] = ("input changed: " + ", ".join(changed) if changed else
-                                       "environment changed" if old_key != handle.key else
-                                       "entry missing")
-        return reasons
+    def _previous_result(self, node_id: str) -> tuple[str, str, str] | None:
+        """(key, code digest, argument digests) of the latest stored result of a call. A few
+        are read one by one; once many calls must run, the rows of every call not resolved yet
+        are read at once (one query per 900 calls instead of one per call)."""
+        if node_id in self._previous:
+            return self._previous[node_id]
+        self._previous_lookups += 1
+        wanted = [node_id]
+        if self._previous_lookups > 8:
+            wanted += [n for n, h in self.graph.nodes.items()
+                       if h.state not in FINAL and n not in self._previous and n != node_id]
+        for start in range(0, len(wanted), 900):
+            chunk = wanted[start:start + 900]
+            for n in chunk:
+                self._previous[n] = None
+            # Oldest first: the latest row of each call is the one left in the dict.
+            for node, key, code, args in self.store.index.execute(
+                    "SELECT node, key, code_digest, arg_digests FROM entries WHERE node IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY created", tuple(chunk)):
+                self._previous[node] = (key, code, args)
+        return self._previous[node_id]
 
     def _loop(self) -> None:
         while True:
@@ -501,8 +505,9 @@ class Run:
                     self._handle(self.outcomes.get_nowait())
                 except queue.Empty:
                     break
-            if self._staged and (not self._ready or len(self._staged) >= COMMIT_BATCH or
-                                 time.monotonic() - self._staged_since >= COMMIT_DELAY):
+            if self._staged and (not self._ready or len(self._staged) >= COMMIT_BATCH
+                                 or self._staged_bytes >= COMMIT_BYTES
+                                 or time.monotonic() - self._staged_since >= COMMIT_DELAY):
                 self._commit()
 
     def _dispatch(self) -> None:
@@ -519,6 +524,10 @@ class Run:
                     break
                 continue
             self._submit(handle)
+            if self.outcomes.qsize() >= COMMIT_BATCH:
+                # In-process jobs finish inside submit: take their results (and commit them)
+                # before running more, so that staged results stay bounded.
+                break
         for item in deferred:
             heapq.heappush(self._ready, item)
         self.executor.flush()
@@ -548,8 +557,9 @@ class Run:
 
     def _input(self, dep: Upstream) -> Input:
         assert dep.key is not None
-        header_digest, _header, _off = self.store.verified_header(dep.key)
-        return Input(dep.key, self.store.entry_file(dep.key), header_digest, dep.label)
+        path, offset, _packed, header_digest, _header, _payload = \
+            self.store.verified_record(dep.key)
+        return Input(dep.key, path, header_digest, dep.label, offset)
 
     def _job_for(self, handle: Handle[Any]) -> Job:
         inputs: dict[int, Input] = {}
@@ -599,8 +609,9 @@ class Run:
         handle = self._in_flight.pop(outcome.node_id, None)
         if handle is None or handle.key != outcome.key or handle.state != "running":
             # A late or duplicate result (a resubmitted task whose first engine answered after
-            # all): harmless, its staged file is simply not committed.
-            _discard(outcome)
+            # all): harmless, its staged result is simply not committed.
+            if outcome.staged is not None:
+                self.store.discard(outcome.staged)
             return
         if outcome.ok:
             staged = outcome.staged
@@ -612,6 +623,8 @@ class Run:
                 outcome.value = None
             if not self._staged:
                 self._staged_since = time.monotonic()
+            if staged.payload is not None:
+                self._staged_bytes += len(staged.payload)
             self._staged.append((staged, handle, outcome))
             return
         if outcome.bad_input is not None:
@@ -733,6 +746,7 @@ class Run:
         if not self._staged:
             return
         batch, self._staged = self._staged, []
+        self._staged_bytes = 0
         rows = []
         for staged, handle, outcome in batch:
             code_digest, _ = self._code_of(handle.task)
@@ -748,7 +762,8 @@ class Run:
                 upstream=json.dumps(meta.get("upstream", {}))))
         self.store.commit([s for s, _, _ in batch], rows)
         ready: list[str] = []
-        for staged, handle, outcome in batch:
+        done: list[Event] = []
+        for (staged, handle, outcome), row in zip(batch, rows, strict=True):
             if self.profile_dir is not None and "profile" in outcome.extra:
                 _save_profile(self.profile_dir, handle, outcome.extra["profile"])
             handle.state = "done"
@@ -758,11 +773,16 @@ class Run:
             self._timings.append((handle.key, handle.task.name, handle.label, "done",
                                   outcome.engine, outcome.started, outcome.ended,
                                   outcome.duration, outcome.cpu, outcome.peak_memory))
-            self._emit(DONE, handle, engine=outcome.engine, started=outcome.started,
-                       ended=outcome.ended, duration=outcome.duration, cpu=outcome.cpu,
-                       peak_memory=outcome.peak_memory, size=staged.size, reason=handle.reason,
-                       info={"path": self.store.entry_file(staged.key)})
+            done.append(Event(DONE, handle.node_id, handle.task.name, handle.label,
+                              key=handle.key or "", engine=outcome.engine,
+                              started=outcome.started, ended=outcome.ended,
+                              duration=outcome.duration, cpu=outcome.cpu,
+                              peak_memory=outcome.peak_memory, size=staged.size,
+                              reason=handle.reason,
+                              info={"path": self.store.segment_file(row.segment) if row.segment
+                                    else self.store.entry_file(staged.key)}))
             ready.extend(self._unblock(handle))
+        self.events.extend(done)
         self._resolve(ready)
 
     def _drain_finished(self) -> None:
@@ -874,12 +894,3 @@ def _save_profile(profile_dir: str, handle: Handle[Any], stats: bytes) -> None:
     path = os.path.join(profile_dir, f"{name}-{(handle.key or '')[:16]}.pstats")
     with open(path, "wb") as out:
         out.write(stats)
-
-
-def _discard(outcome: Outcome) -> None:
-    import contextlib
-    import os
-
-    if outcome.staged is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(outcome.staged.path)

@@ -3,22 +3,42 @@
 Layout of a cache directory (0700, files 0600)::
 
     nbindustria-cache.json      format and cache id (the id names the key file, which lives elsewhere)
-    entries/ab/abcdef....nbi    one file per result
-    tmp/                        entries being written (by the kernel or by engines)
-    quarantine/                 entries that failed a check, moved aside with the reason
-    index.sqlite                derived metadata (rebuildable from the entries)
+    entries/packs/<id>.<g>.nbs  segments: the small results of one commit group, as records
+    entries/ab/abcdef....nbi    a result of its own (payload of PACK_LIMIT = 64 KiB or more)
+    tmp/                        values staged by other tools
+    quarantine/                 entries that failed a check, moved (or copied) aside with the reason
+    index.sqlite                derived metadata (rebuildable from the entries), with each entry's
+                                location: segment and record offset, or '' for a file of its own
 
-An entry file is ``MAGIC | signature (32) | header length (4) | header JSON | padding | payload``.
+An entry is ``MAGIC | signature (32) | header length (4) | header JSON | padding | payload``.
 The header holds the key, the payload's kind, length and digests, and the task's metadata; the
-payload starts at a 64-byte boundary so that arrays can be memory-mapped in place.
+payload starts at a 64-byte boundary so that arrays can be memory-mapped in place. A segment is a
+sequence of such entries ("records"), each starting at a 64-byte boundary: one file created and
+flushed per commit group instead of one per result, which is what makes durable writes cheap
+(creating a file costs 0.5 - 1 ms on a plain disk). Large results keep a file of their own so that
+they can be memory-mapped and so that rewriting a segment stays cheap.
 
-Who writes what: whoever ran the task (the kernel, or an engine that can reach the directory)
-*stages* the entry in ``tmp/`` with an empty signature slot; only the kernel holds the key, so only
-the kernel *commits*: it signs the header (HMAC-SHA256 over magic, key and header, and the header
-holds the payload's SHA-256 for pickles, whose loading can run code), flushes, renames into place
-and flushes again. Commits are grouped: one ``syncfs`` covers many entries, so durability does not
-cost throughput. A reader checks the signature before anything else and the payload's digest
-before handing any value out; a bad entry is moved aside and reported as a miss, never unpickled.
+Who writes what: whoever ran the task stages its result, unsigned: the kernel in memory (small)
+or in a hidden file beside its final place (large); an engine that can reach the directory in one
+part file per batch (``entries/packs/.*.part``, small results as records) or a file of its own.
+Only the kernel holds the key, so only the kernel *commits*: it signs each header (HMAC-SHA256
+over magic and header; the header holds the key, and the payload's SHA-256 for pickles, whose
+loading can run code), writes the group's records into a new segment (copying an engine's records
+out of its part file), flushes, renames into place, flushes again, and indexes the group (entries
+and segment in one transaction). A crash before the rename leaves nothing; after it, a segment the
+index does not know is scanned and indexed when the store opens (or on a miss).
+
+Segments are never changed in place. Deleting (``delete``, a bad record moved aside, an older
+copy of a key committed again) writes generation g+1 of the segment with the records the index
+still places there, flushes and renames it, moves the index to it, then removes generation g; a
+crash in between is repaired on open (the newest generation is indexed, older ones removed), so
+a deleted record never comes back. A reader checks the signature and the key before anything
+else, and the payload's length and digest before handing any value out; a bad entry is moved
+aside and reported as a miss, never unpickled. ``present`` reads only the index: an entry that
+turns out missing or bad when loaded is a miss then, and the scheduler runs its task again.
+
+Format 2 (segments). A cache of format 1 (one file per result) is read as it is: its files are
+entries of their own; its index gains the location columns.
 """
 
 from __future__ import annotations
@@ -35,6 +55,7 @@ import secrets
 import sqlite3
 import stat
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -67,9 +88,16 @@ _unpack_u32 = struct.Struct("<I").unpack
 
 MARKER = "nbindustria-cache.json"
 INDEX_NAME = "index.sqlite"
-FORMAT_VERSION = 1
+# 2: small results are records packed in segment files (entries/packs/*.nbs). Caches of format 1
+# (one file per result) are read as they are: their files are standalone entries of format 2.
+FORMAT_VERSION = 2
 # Arrays at least this large come back memory-mapped (read-only): loading runs at memory speed.
 MMAP_THRESHOLD = 1 << 20
+# Payloads below this go into the commit group's segment; larger ones get a file of their own
+# (so that arrays can be memory-mapped, and rewriting a segment stays cheap).
+PACK_LIMIT = 64 << 10
+PACKS = "packs"
+SEGMENT_SUFFIX = ".nbs"
 _CHUNK = 16 << 20
 
 
@@ -79,12 +107,22 @@ class BadEntry(Exception):
 
 @dataclass
 class Staged:
-    """An entry written to ``tmp/`` and waiting for the kernel to sign and commit it."""
+    """A result waiting for the kernel to sign and commit it.
+
+    Where it waits: in memory (``payload``; the kernel staged it and writes it into the commit's
+    segment), as an unsigned record at ``offset`` of an engine's segment part file (``path``,
+    ``packed``), or as a whole unsigned entry file (``path``; large payloads).
+    """
 
     key: str
     path: str
     header: dict[str, Any]
     size: int  # payload bytes
+    header_bytes: bytes = b""
+    offset: int = 0
+    packed: bool = False
+    payload: bytes | None = None  # in memory: kernel only, never sent between processes
+    part_records: int = 0  # records in the engine's part file (set when the batch ends)
 
     @property
     def result_digest(self) -> str:
@@ -99,6 +137,22 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+# The header is signed as the bytes it is: no canonical order is needed (sorting costs a tenth of
+# staging a small entry).
+_encode_header = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def _prefix(header_bytes: bytes, signature: bytes = _EMPTY_SIG) -> bytes:
+    prefix = MAGIC + signature + _pack_u32(len(header_bytes)) + header_bytes
+    return prefix + b"\0" * (_align(len(prefix)) - len(prefix))
+
+
+def _record(header_bytes: bytes, signature: bytes, payload: bytes) -> bytes:
+    """One record of a segment: an entry, followed by zeros up to the next 64-byte boundary."""
+    data = _prefix(header_bytes, signature) + payload
+    return data + b"\0" * (_align(len(data)) - len(data))
+
+
 # --------------------------------------------------------------------------------------------
 # Writing (no key needed: this part runs on engines too)
 # --------------------------------------------------------------------------------------------
@@ -111,8 +165,6 @@ def _is_plain_array(value: Any) -> bool:
 
 
 def _numpy_if_loaded() -> Any:
-    import sys
-
     return sys.modules.get("numpy")
 
 
@@ -166,9 +218,52 @@ def serialize(value: Any, label: str) -> tuple[str, dict[str, Any], list[Any]]:
     return "pickle", {"sha256": hashlib.sha256(data).hexdigest()}, [data]
 
 
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        written = os.pwrite(fd, view[:_CHUNK], offset)
+        view = view[written:]
+        offset += written
+
+
+class SegmentWriter:
+    """An engine's part file for one batch of jobs: its small results as unsigned records, one
+    after the other. The kernel copies the records it commits into its own segment (signing
+    them) and removes the part once every record in it was committed or discarded."""
+
+    def __init__(self, entries_dir: str | os.PathLike[str]):
+        self.directory = os.path.join(os.fspath(entries_dir), PACKS)
+        self.path = os.path.join(self.directory, f".{secrets.token_hex(12)}.part")
+        self._fd: int | None = None
+        self._end = 0
+        self.count = 0
+
+    def append(self, header_bytes: bytes, payload: bytes) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        offset = self._end
+        record = _record(header_bytes, _EMPTY_SIG, payload)
+        _pwrite_all(self._fd, record, offset)  # a failed write is overwritten by the next one
+        self._end = offset + len(record)
+        self.count += 1
+        return offset
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def stage_value(entries_dir: str | os.PathLike[str], key: str, value: Any, meta: dict[str, Any],
-                *, label: str = "task", fsync: bool = False) -> Staged:
-    """Write ``value`` to a new hidden file beside its entry's final place, unsigned.
+                *, label: str = "task", fsync: bool = False, segment: SegmentWriter | None = None,
+                pack: bool | None = None) -> Staged:
+    """Serialize ``value`` and stage it, unsigned: a small payload (below PACK_LIMIT; ``pack``
+    forces the choice) in memory or, on an engine, as a record of the batch's ``segment``;
+    a large one in a new hidden file beside its entry's final place.
 
     Staging in the entry's own shard directory keeps the final rename inside one directory and
     spreads file-system churn over the shards (a single staging directory that sees thousands of
@@ -182,11 +277,17 @@ def stage_value(entries_dir: str | os.PathLike[str], key: str, value: Any, meta:
         size += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
     header = {"format": FORMAT_VERSION, "key": key, "kind": kind, "length": size,
               "xxh3": hasher.hexdigest(), **fields, "meta": meta}
-    header_bytes = _canonical(header)
-    prefix = MAGIC + _EMPTY_SIG + _pack_u32(len(header_bytes)) + header_bytes
-    prefix += b"\0" * (_align(len(prefix)) - len(prefix))
+    header_bytes = _encode_header(header).encode()
+    if (size < PACK_LIMIT) if pack is None else pack:
+        # A copy: the value may be changed in place before the commit writes it.
+        payload = b"".join(bytes(c) if not isinstance(c, bytes) else c for c in chunks)
+        if segment is not None:
+            offset = segment.append(header_bytes, payload)
+            return Staged(key, segment.path, header, size, header_bytes, offset, packed=True)
+        return Staged(key, "", header, size, header_bytes, packed=True, payload=payload)
+    prefix = _prefix(header_bytes)
     shard = os.path.join(os.fspath(entries_dir), key[:2])
-    path = os.path.join(shard, f".{key}.{uuid.uuid4().hex}.part")
+    path = os.path.join(shard, f".{key}.{secrets.token_hex(8)}.part")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileNotFoundError:
@@ -205,7 +306,7 @@ def stage_value(entries_dir: str | os.PathLike[str], key: str, value: Any, meta:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
-    return Staged(key=key, path=path, header=header, size=size)
+    return Staged(key=key, path=path, header=header, size=size, header_bytes=header_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,26 +314,21 @@ def stage_value(entries_dir: str | os.PathLike[str], key: str, value: Any, meta:
 # --------------------------------------------------------------------------------------------
 
 
-def read_header(path: str | os.PathLike[str]) -> tuple[bytes, bytes, dict[str, Any], int]:
-    """(signature, header bytes, header, payload offset); raises BadEntry."""
-    try:
-        with open(path, "rb") as f:
-            pre = f.read(_PREAMBLE)
-            if len(pre) < _PREAMBLE or pre[:_SIG_OFFSET] != MAGIC:
-                raise BadEntry("not an nbindustria entry (bad magic or truncated)")
-            (hlen,) = _unpack_u32(pre[_LEN_OFFSET:_PREAMBLE])
-            if hlen > _HEADER_LIMIT:
-                raise BadEntry("header length is implausible")
-            header_bytes = f.read(hlen)
-            # The padding up to the payload is covered by no digest: it must be zeros.
-            padding = f.read(_align(_PREAMBLE + hlen) - _PREAMBLE - hlen)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise BadEntry(f"cannot read: {exc}") from None
+def _parse_preamble(pre: bytes) -> int:
+    if len(pre) < _PREAMBLE or pre[:_SIG_OFFSET] != MAGIC:
+        raise BadEntry("not an nbindustria entry (bad magic or truncated)")
+    (hlen,) = _unpack_u32(pre[_LEN_OFFSET:_PREAMBLE])
+    if hlen > _HEADER_LIMIT:
+        raise BadEntry("header length is implausible")
+    return int(hlen)
+
+
+def _parse_header(header_bytes: bytes, hlen: int, padding: bytes, pad_len: int
+                  ) -> dict[str, Any]:
     if len(header_bytes) != hlen:
         raise BadEntry("truncated header")
-    if padding.strip(b"\0") or len(padding) != _align(_PREAMBLE + hlen) - _PREAMBLE - hlen:
+    # The padding up to the payload is covered by no digest: it must be zeros.
+    if len(padding) != pad_len or padding.strip(b"\0"):
         raise BadEntry("damaged padding after the header")
     try:
         header = json.loads(header_bytes)
@@ -240,7 +336,27 @@ def read_header(path: str | os.PathLike[str]) -> tuple[bytes, bytes, dict[str, A
         raise BadEntry("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise BadEntry("header is not an object")
-    return pre[_SIG_OFFSET:_LEN_OFFSET], header_bytes, header, _align(_PREAMBLE + hlen)
+    return header
+
+
+def read_header(path: str | os.PathLike[str], offset: int = 0
+                ) -> tuple[bytes, bytes, dict[str, Any], int]:
+    """(signature, header bytes, header, payload offset) of the entry (or record) at
+    ``offset``; raises BadEntry, or FileNotFoundError when there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            if offset:
+                f.seek(offset)
+            pre = f.read(_PREAMBLE)
+            hlen = _parse_preamble(pre)
+            pad_len = _align(_PREAMBLE + hlen) - _PREAMBLE - hlen
+            rest = f.read(hlen + pad_len)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise BadEntry(f"cannot read: {exc}") from None
+    header = _parse_header(rest[:hlen], hlen, rest[hlen:], pad_len)
+    return pre[_SIG_OFFSET:_LEN_OFFSET], rest[:hlen], header, offset + _PREAMBLE + hlen + pad_len
 
 
 def header_digest(header_bytes: bytes) -> str:
@@ -248,19 +364,27 @@ def header_digest(header_bytes: bytes) -> str:
 
 
 def load_payload(path: str | os.PathLike[str], header: dict[str, Any], offset: int,
-                 *, mmap_arrays: bool | None = None) -> Any:
-    """Check the payload against the (already trusted) header and return the value."""
-    length = int(header["length"])
+                 *, mmap_arrays: bool | None = None, packed: bool = False) -> Any:
+    """Check the payload against the (already trusted) header and return the value. A packed
+    record is one of several in its segment: the file holds at least its payload."""
     try:
-        file_size = os.stat(path).st_size
-    except OSError as exc:
-        raise BadEntry(f"cannot stat: {exc}") from None
-    if file_size != offset + length:
-        raise BadEntry(f"size is {file_size} bytes, the header says {offset + length}")
-    if header["kind"] == "ndarray":
+        length = int(header["length"])
+        kind = header["kind"]
+    except (KeyError, TypeError, ValueError):
+        raise BadEntry("header lacks the payload's length or kind") from None
+    if not packed:
+        try:
+            file_size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise BadEntry(f"cannot stat: {exc}") from None
+        if file_size != offset + length:
+            raise BadEntry(f"size is {file_size} bytes, the header says {offset + length}")
+    if kind == "ndarray":
         return _load_array(path, header, offset, length, mmap_arrays)
-    if header["kind"] != "pickle":
-        raise BadEntry(f"unknown payload kind {header['kind']!r}")
+    if kind != "pickle":
+        raise BadEntry(f"unknown payload kind {kind!r}")
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(length)
@@ -289,6 +413,8 @@ def _load_array(path: str | os.PathLike[str], header: dict[str, Any], offset: in
     with open(path, "rb") as f:
         if use_mmap:
             buffer: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if len(buffer) < offset + length:
+                raise BadEntry("truncated payload")
         else:
             f.seek(offset)
             buffer = f.read(length)
@@ -304,14 +430,63 @@ def _load_array(path: str | os.PathLike[str], header: dict[str, Any], offset: in
     return array
 
 
-def verify_staged_input(path: str, expected_header_digest: str, *,
+def verify_staged_input(path: str, expected_header_digest: str, *, offset: int = 0,
                         mmap_arrays: bool | None = None) -> Any:
-    """Load an entry on an engine: the kernel vouches for the header (it checked the signature)
-    by its digest; the payload is checked against the header. No key needed."""
-    _sig, header_bytes, header, offset = read_header(path)
+    """Load an entry (or a record of a segment, at ``offset``) on an engine: the kernel vouches
+    for the header (it checked the signature) by its digest; the payload is checked against the
+    header. No key needed."""
+    _sig, header_bytes, header, payload_offset = read_header(path, offset)
     if not hmac.compare_digest(header_digest(header_bytes), expected_header_digest):
         raise BadEntry("header differs from the one the kernel verified")
-    return load_payload(path, header, offset, mmap_arrays=mmap_arrays)
+    return load_payload(path, header, payload_offset, mmap_arrays=mmap_arrays,
+                        packed=path.endswith(SEGMENT_SUFFIX))
+
+
+@dataclass
+class Record:
+    """A record found by scanning a segment (its checks are the caller's)."""
+
+    offset: int
+    signature: bytes
+    header_bytes: bytes
+    header: dict[str, Any]
+    end: int  # just after its payload
+
+
+def scan_segment(path: str | os.PathLike[str]) -> Iterator[Record]:
+    """The records of a segment, in order. After damage (a bad magic or header), the scan looks
+    for the next record at the following 64-byte boundaries: records are aligned, so one bad
+    record does not hide the ones after it."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            pos = 0
+            while pos + _PREAMBLE <= size:
+                try:
+                    hlen = _parse_preamble(data[pos:pos + _PREAMBLE])
+                    pad_len = _align(_PREAMBLE + hlen) - _PREAMBLE - hlen
+                    start = pos + _PREAMBLE
+                    header = _parse_header(data[start:start + hlen], hlen,
+                                           data[start + hlen:start + hlen + pad_len], pad_len)
+                    end = start + hlen + pad_len + int(header["length"])
+                    if end > size or int(header["length"]) < 0:
+                        raise BadEntry("truncated")
+                except (BadEntry, KeyError, TypeError, ValueError):
+                    pos += _ALIGN
+                    continue
+                yield Record(pos, bytes(data[pos + _SIG_OFFSET:pos + _LEN_OFFSET]),
+                             bytes(data[start:start + hlen]), header, end)
+                pos = _align(end)
+
+
+def _segment_id(name: str) -> tuple[str, int] | None:
+    """``<id>.<generation>.nbs`` -> (id, generation); None for other names."""
+    parts = name.split(".")
+    if len(parts) != 3 or "." + parts[2] != SEGMENT_SUFFIX or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,27 +569,40 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-@dataclass
-class IndexRow:
+@dataclass(slots=True)
+class Presence:
+    """What a cache lookup (``Store.present``) reads of an entry's index row: enough to resolve
+    a hit and report it. Reading fewer columns keeps a lookup near 2 µs per key; the whole row
+    is an :class:`IndexRow` (``Index.get_many``, ``Index.query``)."""
+
     key: str
-    node: str
-    task: str
     label: str
-    kind: str
     size: int
     result_digest: str
-    header_digest: str
     created: float
     duration: float | None
     cpu: float | None
     peak_memory: int | None
     engine: str
+    code_digest: str
+
+
+_PRESENCE = ",".join(Presence.__dataclass_fields__)
+
+
+@dataclass
+class IndexRow(Presence):
+    node: str
+    task: str
+    kind: str
+    header_digest: str
     host: str
     hits: int
-    code_digest: str
     args: str  # JSON: {param: summary}
     arg_digests: str  # JSON: {param: digest}
     upstream: str  # JSON: {param path: upstream result digest}
+    segment: str = ""  # "packs/<name>.nbs" for a record of a segment, "" for a file of its own
+    record_offset: int = 0  # where the record starts in its segment
 
 
 _COLUMNS = [f for f in IndexRow.__dataclass_fields__]
@@ -440,8 +628,19 @@ class Index:
                 " label TEXT, kind TEXT, size INTEGER, result_digest TEXT, header_digest TEXT,"
                 " created REAL, duration REAL, cpu REAL, peak_memory INTEGER, engine TEXT,"
                 " host TEXT, hits INTEGER DEFAULT 0, code_digest TEXT, args TEXT,"
-                " arg_digests TEXT, upstream TEXT)")
+                " arg_digests TEXT, upstream TEXT, segment TEXT DEFAULT '',"
+                " record_offset INTEGER DEFAULT 0)")
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(entries)")}
+            for column, kind in (("segment", "TEXT DEFAULT ''"),
+                                 ("record_offset", "INTEGER DEFAULT 0")):
+                if column not in columns:  # an index made before segments (format 1)
+                    self._conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
             self._conn.execute("CREATE INDEX IF NOT EXISTS entries_node ON entries(node)")
+            self._conn.execute(
+                "CREATE INDEX IF NOT EXISTS entries_segment ON entries(segment)")
+            # The segment files whose records the index holds (any other one on disk is
+            # scanned and indexed: a crash came between its rename and the index update).
+            self._conn.execute("CREATE TABLE IF NOT EXISTS segments (name TEXT PRIMARY KEY)")
             self._conn.execute("CREATE INDEX IF NOT EXISTS entries_task ON entries(task)")
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS code (digest TEXT PRIMARY KEY, manifest TEXT)")
@@ -473,12 +672,27 @@ class Index:
                 raise
             self._conn.execute("COMMIT")
 
-    def put(self, rows: Iterable[IndexRow]) -> None:
+    def put(self, rows: Iterable[IndexRow], segments: Iterable[str] = ()) -> None:
+        """Index entries, and the segments that hold them (in the same transaction)."""
         placeholders = ",".join("?" * len(_COLUMNS))
         with self.transaction() as conn:
             conn.executemany(
                 f"INSERT OR REPLACE INTO entries ({','.join(_COLUMNS)}) VALUES ({placeholders})",
                 [tuple(getattr(r, c) for c in _COLUMNS) for r in rows])
+            conn.executemany("INSERT OR IGNORE INTO segments (name) VALUES (?)",
+                             [(name,) for name in segments])
+
+    def present(self, keys: list[str]) -> dict[str, Presence]:
+        """The lookup part of the rows of ``keys`` that are indexed."""
+        found: dict[str, Presence] = {}
+        with self._lock:
+            for start in range(0, len(keys), 4096):
+                chunk = keys[start:start + 4096]
+                for row in self._conn.execute(
+                        f"SELECT {_PRESENCE} FROM entries WHERE key IN "
+                        f"({','.join('?' * len(chunk))})", chunk):
+                    found[row[0]] = Presence(*row)
+        return found
 
     def get_many(self, keys: list[str]) -> dict[str, IndexRow]:
         found: dict[str, IndexRow] = {}
@@ -561,6 +775,40 @@ class Index:
     def clear(self) -> None:
         with self.transaction() as conn:
             conn.execute("DELETE FROM entries")
+            conn.execute("DELETE FROM segments")
+
+    def location(self, key: str) -> tuple[str, int] | None:
+        """(segment, record offset) of an entry ("" for a file of its own), or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT segment, record_offset FROM entries WHERE key = ?",
+                                     (key,)).fetchone()
+        return (str(row[0] or ""), int(row[1] or 0)) if row else None
+
+    def locations(self, keys: list[str]) -> dict[str, tuple[str, int]]:
+        found: dict[str, tuple[str, int]] = {}
+        with self._lock:
+            for start in range(0, len(keys), 900):
+                chunk = keys[start:start + 900]
+                for key, segment, offset in self._conn.execute(
+                        "SELECT key, segment, record_offset FROM entries WHERE key IN "
+                        f"({','.join('?' * len(chunk))})", chunk):
+                    found[key] = (str(segment or ""), int(offset or 0))
+        return found
+
+    def in_segment(self, segment: str) -> dict[str, int]:
+        """{key: record offset} of the entries the index places in ``segment``."""
+        with self._lock:
+            return {str(k): int(o) for k, o in self._conn.execute(
+                "SELECT key, record_offset FROM entries WHERE segment = ?", (segment,))}
+
+    def segment_names(self) -> set[str]:
+        with self._lock:
+            return {str(r[0]) for r in self._conn.execute("SELECT name FROM segments")}
+
+    def packed_keys(self) -> list[str]:
+        with self._lock:
+            return [str(r[0]) for r in self._conn.execute(
+                "SELECT key FROM entries WHERE segment != ''")]
 
 
 class Store:
@@ -573,16 +821,20 @@ class Store:
         self.entries_dir = self.path / "entries"
         self.tmp_dir = self.path / "tmp"
         self.quarantine_dir = self.path / "quarantine"
+        self.packs_dir = self.entries_dir / PACKS
         self._entries_prefix = f"{self.entries_dir}{os.sep}"
         self._crash_at = os.environ.get("NBINDUSTRIA_TEST_CRASH_AT", "")
         _make_private_dir(self.path)
-        for sub in (self.entries_dir, self.tmp_dir, self.quarantine_dir):
+        for sub in (self.entries_dir, self.packs_dir, self.tmp_dir, self.quarantine_dir):
             _make_private_dir(sub)
         self.cache_id = self._read_or_create_marker()
         self._key = self._load_or_create_key(Path(key_dir) if key_dir else default_key_dir())
         self.index = Index(self.path / INDEX_NAME)
-        self._verified_headers: dict[str, tuple[str, dict[str, Any], int]] = {}
+        # Engines' part files: how many of their records still wait to be committed or dropped.
+        self._parts: dict[str, int] = {}
+        self._packs_seen = -1  # mtime of packs/ when its segments were last matched with the index
         self._clean_tmp()
+        self._recover_segments()
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -602,7 +854,8 @@ class Store:
         return cache_id
 
     def _has_entries(self) -> bool:
-        return any(True for _ in self.entries_dir.glob("*/*.nbi"))
+        return any(True for _ in self.entries_dir.glob("*/*.nbi")) or any(
+            True for _ in self.entries_dir.glob(f"{PACKS}/*{SEGMENT_SUFFIX}"))
 
     def _load_or_create_key(self, key_dir: Path) -> bytes:
         key_path = key_dir / f"{self.cache_id}.key"
@@ -644,7 +897,7 @@ class Store:
     def _clean_tmp(self, older_than: float = 24 * 3600) -> None:
         """Remove staged files left by crashed writers (old enough that nobody writes them)."""
         now = time.time()
-        for directory in (self.tmp_dir, *self.entries_dir.glob("??")):
+        for directory in (self.tmp_dir, self.packs_dir, *self.entries_dir.glob("??")):
             for entry in os.scandir(directory):
                 if not entry.name.endswith(".part"):
                     continue
@@ -658,11 +911,24 @@ class Store:
     # ---- paths and signatures -----------------------------------------------------------------
 
     def entry_path(self, key: str) -> Path:
+        """The file an entry has when it is not packed in a segment (see ``locate``)."""
         return self.entries_dir / key[:2] / f"{key}.nbi"
 
     def entry_file(self, key: str) -> str:
         """``entry_path`` as a string, built without pathlib (hot path: cache lookups)."""
         return f"{self._entries_prefix}{key[:2]}/{key}.nbi"
+
+    def segment_file(self, segment: str) -> str:
+        """The path of a segment named as the index names it (``packs/<id>.<gen>.nbs``)."""
+        return f"{self._entries_prefix}{segment}"
+
+    def locate(self, key: str) -> tuple[str, int, bool]:
+        """(file, record offset, packed): where the entry of ``key`` is, as the index says. A key
+        the index does not know is looked for in a file of its own."""
+        where = self.index.location(key)
+        if where is None or not where[0]:
+            return self.entry_file(key), 0, False
+        return self.segment_file(where[0]), where[1], True
 
     def _sign(self, header_bytes: bytes) -> bytes:
         return hmac.new(self._key, MAGIC + header_bytes, hashlib.sha256).digest()
@@ -672,15 +938,31 @@ class Store:
         if self._crash_at == point:
             os._exit(99)
 
+    def _packs_mtime(self) -> int:
+        try:
+            return os.stat(self.packs_dir).st_mtime_ns
+        except FileNotFoundError:
+            return -1
+
     # ---- commit ------------------------------------------------------------------------------
 
     def commit(self, staged: list[Staged], rows: list[IndexRow] | None = None) -> None:
         """Sign, flush, rename into place, flush again, then index. After this returns, every
-        entry is durable and whole. ``rows`` (one per staged entry) go to the index."""
+        entry is durable and whole.
+
+        The small results of the group become the records of one new segment file, signed as
+        they are written (one file created and flushed for the whole group); large ones are
+        files of their own, signed in place. ``rows`` (one per staged entry; made from the
+        headers when None) go to the index, with each entry's location. An older copy of a key
+        committed again is removed afterwards (its segment is rewritten without it).
+        """
         if not staged:
             return
-        signed: list[tuple[Staged, str]] = []
-        for item in staged:
+        own = [item for item in staged if not item.packed]
+        packed = [item for item in staged if item.packed]
+        seen_before = self._packs_mtime()
+        digests: dict[str, str] = {}
+        for item in own:
             with open(item.path, "r+b") as f:
                 pre = f.read(_PREAMBLE)
                 (hlen,) = _unpack_u32(pre[_LEN_OFFSET:_PREAMBLE])
@@ -689,58 +971,332 @@ class Store:
                     raise StoreError(f"staged file {item.path} does not hold key {item.key}")
                 f.seek(_SIG_OFFSET)
                 f.write(self._sign(header_bytes))
-            signed.append((item, header_digest(header_bytes)))
+            digests[item.key] = header_digest(header_bytes)
             self._crash("after-sign-one")
-        self._crash("after-sign")
-        _syncfs(str(self.entries_dir))
-        self._crash("after-sync-data")
-        shards = set()
-        for n, (item, _) in enumerate(signed):
-            final = self.entry_file(item.key)
-            shard = os.path.dirname(final)
-            if shard not in shards:
-                os.makedirs(shard, mode=0o700, exist_ok=True)
-                shards.add(shard)
-            os.replace(item.path, final)
-            if n == 0:
+        segment, part, fd = "", "", -1
+        offsets: dict[str, int] = {}
+        try:
+            if packed:
+                records: list[bytes] = []
+                end = 0
+                parts: dict[str, int] = {}
+                try:
+                    for item in packed:
+                        header_bytes, payload = self._staged_record(item, parts)
+                        records.append(_record(header_bytes, self._sign(header_bytes), payload))
+                        offsets[item.key] = end
+                        end += len(records[-1])
+                        digests[item.key] = header_digest(header_bytes)
+                        self._crash("after-sign-one")
+                finally:
+                    for part_fd in parts.values():
+                        os.close(part_fd)
+                name = f"{secrets.token_hex(16)}.0{SEGMENT_SUFFIX}"
+                segment = f"{PACKS}/{name}"
+                part = f"{self.packs_dir}{os.sep}.{name}.part"
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                _pwrite_all(fd, b"".join(records), 0)
+            self._crash("after-sign")
+            if own:
+                _syncfs(str(self.entries_dir))
+            else:
+                os.fsync(fd)
+            self._crash("after-sync-data")
+            renamed = 0
+            if packed:
+                os.replace(part, self.segment_file(segment))
+                part = ""
+                renamed += 1
                 self._crash("after-first-rename")
+            shards = set()
+            for item in own:
+                final = self.entry_file(item.key)
+                shard = os.path.dirname(final)
+                if shard not in shards:
+                    os.makedirs(shard, mode=0o700, exist_ok=True)
+                    shards.add(shard)
+                os.replace(item.path, final)
+                renamed += 1
+                if renamed == 1:
+                    self._crash("after-first-rename")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if part:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
         self._crash("after-rename")
-        _syncfs(str(self.entries_dir))
+        if own:
+            _syncfs(str(self.entries_dir))
+        else:
+            _fsync_dir(str(self.packs_dir))
         self._crash("after-sync-rename")
-        if rows is not None:
-            by_key = {item.key: hd for item, hd in signed}
-            for row in rows:
-                row.header_digest = by_key.get(row.key, row.header_digest)
-            self.index.put(rows)
-        for item, hd in signed:
-            self._verified_headers[item.key] = (hd, item.header, 0)
+        if seen_before == self._packs_seen:
+            self._packs_seen = self._packs_mtime()  # our own segment: nothing to recover
+        if rows is None:
+            rows = [row_from_header(item.key, "", item.header) for item in staged]
+        for row in rows:
+            row.header_digest = digests.get(row.key, row.header_digest)
+            if row.key in offsets:
+                row.segment, row.record_offset = segment, offsets[row.key]
+            else:
+                row.segment, row.record_offset = "", 0
+        before = self.index.locations([item.key for item in staged])
+        self.index.put(rows, segments=[segment] if segment else [])
+        for item in packed:
+            if item.payload is None:
+                self._release_part(item.path, item.part_records)
+        self._drop_older_copies(before, {row.key: row.segment for row in rows})
+
+    def _staged_record(self, item: Staged, parts: dict[str, int]) -> tuple[bytes, bytes]:
+        """(header bytes, payload) of a packed result, read from the engine's part file if
+        it was staged there (the bytes there must be exactly what the engine reported)."""
+        if item.header.get("key") != item.key:
+            raise StoreError(f"staged result {item.path or '(in memory)'} does not hold key "
+                             f"{item.key}")
+        if item.payload is not None:
+            return item.header_bytes, item.payload
+        fd = parts.get(item.path)
+        if fd is None:
+            fd = parts[item.path] = os.open(item.path, os.O_RDONLY)
+        hlen = len(item.header_bytes)
+        start = _align(_PREAMBLE + hlen)
+        data = os.pread(fd, start + item.size, item.offset)
+        if (len(data) != start + item.size or data[:_SIG_OFFSET] != MAGIC
+                or data[_LEN_OFFSET:_PREAMBLE] != _pack_u32(hlen)
+                or data[_PREAMBLE:_PREAMBLE + hlen] != item.header_bytes):
+            raise StoreError(f"staged record of {item.key} in {item.path} (offset "
+                             f"{item.offset}) does not hold key {item.key} as staged")
+        return item.header_bytes, data[start:]
+
+    def _release_part(self, path: str, records: int) -> None:
+        """One record of an engine's part file is committed or dropped; the part goes when
+        none is left."""
+        left = self._parts.get(path, records) - 1
+        if left > 0:
+            self._parts[path] = left
+            return
+        self._parts.pop(path, None)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    def discard(self, item: Staged) -> None:
+        """A staged result that will not be committed (a late or duplicate reply)."""
+        if not item.packed:
+            with contextlib.suppress(OSError):
+                os.unlink(item.path)
+        elif item.payload is None:
+            self._release_part(item.path, item.part_records)
+
+    def _drop_older_copies(self, before: dict[str, tuple[str, int]],
+                           now: dict[str, str]) -> None:
+        """Keys committed again: remove the copy where each was before (a segment keeps only
+        the records the index places in it), so that no older copy can come back."""
+        stale: set[str] = set()
+        for key, (old, _offset) in before.items():
+            new = now.get(key)
+            if new is None or old == new:
+                continue
+            if old:
+                stale.add(old)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.entry_file(key))
+        if stale:
+            self._compact(stale)
 
     def put(self, key: str, value: Any, meta: dict[str, Any] | None = None,
-            row: IndexRow | None = None) -> Staged:
+            row: IndexRow | None = None, *, pack: bool | None = None) -> Staged:
         """Stage and commit one value (convenience for tests and the CLI)."""
-        staged = stage_value(self.entries_dir, key, value, meta or {})
+        staged = stage_value(self.entries_dir, key, value, meta or {}, pack=pack)
         self.commit([staged], [row] if row else None)
         return staged
 
+    # ---- segments: rewriting, recovering ----------------------------------------------------
+
+    def _compact(self, segments: Iterable[str], drop: Iterable[str] = ()) -> int:
+        """Rewrite each segment with only the records the index places in it, less ``drop``.
+
+        Segments are never changed in place: the rewrite is generation n+1 of the segment,
+        flushed and renamed into place before the index moves to it; the old file is removed
+        after. After a crash in between, ``_recover_segments`` indexes the new generation and
+        removes the old one, so a dropped record never comes back. A segment with nothing left
+        is removed (and the removal flushed) before the index forgets it. Returns how many
+        records of ``drop`` were removed.
+        """
+        drop = set(drop)
+        removed = 0
+        seen_before = self._packs_mtime()
+        for segment in sorted(set(segments)):
+            ident = _segment_id(os.path.basename(segment))
+            if ident is None:
+                continue
+            live = self.index.in_segment(segment)
+            removed += sum(1 for key in live if key in drop)
+            keep = sorted(((o, k) for k, o in live.items() if k not in drop))
+            path = self.segment_file(segment)
+            data = b""
+            if keep:
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:
+                    keep = []
+            records: list[bytes] = []
+            moved: list[tuple[str, int, str, str]] = []
+            end = 0
+            new_segment = f"{PACKS}/{ident[0]}.{ident[1] + 1}{SEGMENT_SUFFIX}"
+            for offset, key in keep:
+                record = _record_bytes(data, offset)
+                if record is None:
+                    self._quarantine_bytes(key, data[offset:offset + _PREAMBLE + 4096],
+                                           "unreadable when its segment was rewritten", "")
+                    continue
+                records.append(record)
+                moved.append((new_segment, end, key, segment))
+                end += len(record)
+            if not records:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                _fsync_dir(str(self.packs_dir))
+                with self.index.transaction() as conn:
+                    conn.execute("DELETE FROM entries WHERE segment = ?", (segment,))
+                    conn.execute("DELETE FROM segments WHERE name = ?", (segment,))
+                continue
+            part = f"{self.packs_dir}{os.sep}.{ident[0]}.{ident[1] + 1}.part"
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _pwrite_all(fd, b"".join(records), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(part, self.segment_file(new_segment))
+            _fsync_dir(str(self.packs_dir))
+            self._crash("compact-after-rename")
+            with self.index.transaction() as conn:
+                conn.executemany("UPDATE entries SET segment = ?, record_offset = ? "
+                                 "WHERE key = ? AND segment = ?", moved)
+                conn.execute("DELETE FROM entries WHERE segment = ?", (segment,))
+                conn.execute("DELETE FROM segments WHERE name = ?", (segment,))
+                conn.execute("INSERT OR IGNORE INTO segments (name) VALUES (?)",
+                             (new_segment,))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if seen_before == self._packs_seen:
+            self._packs_seen = self._packs_mtime()
+        return removed
+
+    def _current_segments(self) -> tuple[set[str], list[str]]:
+        """(the newest generation of each segment on disk, older generations left behind)."""
+        try:
+            names = os.listdir(self.packs_dir)
+        except FileNotFoundError:
+            return set(), []
+        latest: dict[str, tuple[int, str]] = {}
+        obsolete: list[str] = []
+        for name in names:
+            ident = _segment_id(name)
+            if ident is None:
+                continue
+            previous = latest.get(ident[0])
+            if previous is None or ident[1] > previous[0]:
+                if previous is not None:
+                    obsolete.append(f"{PACKS}/{previous[1]}")
+                latest[ident[0]] = (ident[1], name)
+            else:
+                obsolete.append(f"{PACKS}/{name}")
+        return {f"{PACKS}/{name}" for _gen, name in latest.values()}, obsolete
+
+    def _recover_segments(self) -> None:
+        """Match the segment files with the index: index a segment it does not know (a crash
+        came between its rename and the index update, or another process is committing it:
+        indexing it twice is harmless), remove older generations a rewrite left behind, and
+        forget segments that are gone."""
+        self._packs_seen = self._packs_mtime()
+        current, obsolete = self._current_segments()
+        known = self.index.segment_names()
+        stale: set[str] = set()
+        for segment in sorted(current - known):
+            stale |= self._index_segment(segment)
+        gone = (known - current) | set(obsolete)
+        if gone:
+            with self.index.transaction() as conn:
+                for segment in gone:
+                    conn.execute("DELETE FROM entries WHERE segment = ?", (segment,))
+                    conn.execute("DELETE FROM segments WHERE name = ?", (segment,))
+        for segment in obsolete:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.segment_file(segment))
+        if stale:
+            self._compact(stale)
+
+    def _signed_records(self, segment: str) -> list[IndexRow]:
+        """Index rows of the records of a segment whose signature and key hold (others are
+        never trusted: ``verify_all`` reports them)."""
+        rows = []
+        try:
+            records = list(scan_segment(self.segment_file(segment)))
+        except FileNotFoundError:
+            return []
+        for rec in records:
+            key = rec.header.get("key")
+            if not isinstance(key, str) or not hmac.compare_digest(
+                    rec.signature, self._sign(rec.header_bytes)):
+                continue
+            rows.append(row_from_header(key, header_digest(rec.header_bytes), rec.header,
+                                        segment, rec.offset))
+        return rows
+
+    def _index_segment(self, segment: str) -> set[str]:
+        """Index a segment's records; a key also stored elsewhere keeps its newest copy.
+        Returns the segments that now hold copies to drop."""
+        rows = self._signed_records(segment)
+        existing = self.index.get_many([r.key for r in rows])
+        winners, stale = [], set()
+        for row in rows:
+            old = existing.get(row.key)
+            if old is not None and old.segment != segment and old.created > row.created:
+                stale.add(segment)
+                continue
+            if old is not None and old.segment and old.segment != segment:
+                stale.add(old.segment)
+            winners.append(row)
+        self.index.put(winners, segments=[segment])
+        return stale
+
     # ---- reading -----------------------------------------------------------------------------
 
-    def verified_header(self, key: str) -> tuple[str, dict[str, Any], int]:
-        """(header digest, header, payload offset) after checking the signature; raises
-        BadEntry (or FileNotFoundError when there is no entry)."""
-        path = self.entry_file(key)
-        sig, header_bytes, header, offset = read_header(path)
+    def verified_record(self, key: str) -> tuple[str, int, bool, str, dict[str, Any], int]:
+        """(file, record offset, packed, header digest, header, payload offset) after checking
+        the signature and the key; raises BadEntry (or FileNotFoundError: no such entry)."""
+        path, offset, packed = self.locate(key)
+        sig, header_bytes, header, payload_offset = read_header(path, offset)
         if not hmac.compare_digest(sig, self._sign(header_bytes)):
             raise BadEntry("signature does not verify (not made with this cache's key, or "
                            "altered)")
         if header.get("key") != key:
             raise BadEntry(f"the entry holds key {header.get('key')!r}, not {key!r} "
                            "(a file moved into another entry's place)")
-        return header_digest(header_bytes), header, offset
+        return path, offset, packed, header_digest(header_bytes), header, payload_offset
+
+    def verified_header(self, key: str) -> tuple[str, dict[str, Any], int]:
+        """(header digest, header, payload offset) after checking the signature; raises
+        BadEntry (or FileNotFoundError when there is no entry)."""
+        _path, _offset, _packed, hd, header, payload_offset = self.verified_record(key)
+        return hd, header, payload_offset
 
     def load(self, key: str, *, mmap_arrays: bool | None = None) -> Any:
         """The value of an entry, checked; raises BadEntry or FileNotFoundError."""
-        _hd, header, offset = self.verified_header(key)
-        return load_payload(self.entry_file(key), header, offset, mmap_arrays=mmap_arrays)
+        for attempt in (0, 1):
+            try:
+                path, _off, packed, _hd, header, payload_offset = self.verified_record(key)
+                return load_payload(path, header, payload_offset, mmap_arrays=mmap_arrays,
+                                    packed=packed)
+            except FileNotFoundError:
+                # Another process may have rewritten the segment meanwhile: look again once.
+                if attempt or self.index.location(key) is None:
+                    raise
+        raise AssertionError("unreachable")
 
     def try_load(self, key: str, label: str = "", *,
                  mmap_arrays: bool | None = None) -> tuple[bool, Any]:
@@ -755,49 +1311,80 @@ class Store:
             return False, None
 
     def reject(self, key: str, reason: str, label: str = "") -> None:
-        """Warn once, move a bad entry to quarantine/ with its reason, forget it in the index."""
+        """Warn once, move a bad entry to quarantine/ with its reason, forget it in the index.
+        A record of a segment is copied there, and its segment rewritten without it: the other
+        records of the segment stay as they are."""
         what = f"{label} ({key[:12]})" if label else key
         warnings.warn(f"cache entry of {what} is unusable: {reason}; it was moved to "
                       f"{self.quarantine_dir} and will be computed again",
                       CorruptEntryWarning, stacklevel=3)
-        src = self.entry_path(key)
-        dest = self.quarantine_dir / f"{key}.{int(time.time() * 1000)}.nbi"
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(src, dest)
-            fd = os.open(dest.with_suffix(".reason"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:  # private, like every file of the cache
-                out.write(f"{label}\n{reason}\n")
+        path, offset, packed = self.locate(key)
+        if not packed:
+            dest = self._quarantine_name(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, dest)
+                self._write_reason(dest, label, reason)
+        else:
+            segment = path[len(self._entries_prefix):]
+            found = self._record_as_found(path, segment, offset)
+            if found is not None:  # nothing to keep when the whole segment is gone
+                self._quarantine_bytes(key, found, reason, label)
+            self._compact([segment], drop=[key])
         self.index.delete([key])
-        self._verified_headers.pop(key, None)
 
-    def present(self, keys: list[str]) -> dict[str, IndexRow]:
-        """Index rows of the keys whose entry file is there with the size the index recorded.
+    def _quarantine_name(self, key: str) -> Path:
+        return self.quarantine_dir / f"{key}.{int(time.time() * 1000)}.nbi"
 
-        The index is derived data: an entry the index does not know (a crash between rename
-        and index update) is found by its file, checked, and indexed again.
+    @staticmethod
+    def _write_reason(dest: Path, label: str, reason: str) -> None:
+        fd = os.open(dest.with_suffix(".reason"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:  # private, like every file of the cache
+            out.write(f"{label}\n{reason}\n")
+
+    def _quarantine_bytes(self, key: str, data: bytes, reason: str, label: str) -> None:
+        dest = self._quarantine_name(key)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        self._write_reason(dest, label, reason)
+
+    def _record_as_found(self, path: str, segment: str, offset: int) -> bytes | None:
+        """A record's bytes as far as they can be told apart: to its payload's end if its
+        header can be read, else up to the next record the index knows (or the end). None
+        when the segment itself is gone."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        record = _record_bytes(data, offset)
+        if record is not None:
+            return record
+        later = [o for o in self.index.in_segment(segment).values() if o > offset]
+        return data[offset:min(later) if later else len(data)]
+
+    def present(self, keys: list[str]) -> dict[str, Presence]:
+        """What the index says of the keys that have an entry (see :class:`Presence`).
+
+        For a key the index knows, only the index is read (no file is opened or stat-ed): an
+        entry that turns out missing or damaged when it is loaded is a miss then, and its task
+        runs again (the scheduler and ``Pipeline.result_of`` do that). A key the index does not
+        know is looked for on disk: in a segment the index has not seen (a crash came between
+        its rename and the index update, or another process wrote it), or in a file of its own.
         """
-        rows = self.index.get_many(keys)
-        found: dict[str, IndexRow] = {}
-        missing_rows: list[str] = []
-        for key in keys:
-            row = rows.get(key)
-            try:
-                st_size = os.stat(self.entry_file(key)).st_size
-            except FileNotFoundError:
-                if row is not None:
-                    missing_rows.append(key)
-                continue
-            if row is None:
+        found = self.index.present(keys)
+        if len(found) >= len(keys):
+            return found
+        missing = [key for key in keys if key not in found]
+        if missing and self._packs_mtime() != self._packs_seen:
+            self._recover_segments()
+            found.update(self.index.present(missing))
+            missing = [key for key in missing if key not in found]
+        for key in missing:
+            if os.path.exists(self.entry_file(key)):
                 recovered = self._reindex_one(key)
                 if recovered is not None:
                     found[key] = recovered
-                continue
-            if st_size < row.size:
-                self.reject(key, f"file is {st_size} bytes, smaller than its payload", row.label)
-                continue
-            found[key] = row
-        if missing_rows:
-            self.index.delete(missing_rows)
         return found
 
     def _reindex_one(self, key: str) -> IndexRow | None:
@@ -812,9 +1399,17 @@ class Store:
         self.index.put([row])
         return row
 
+    def _own_file_keys(self) -> list[str]:
+        return [path.stem for path in self.entries_dir.glob("*/*.nbi")]
+
     def keys(self) -> Iterator[str]:
-        for path in self.entries_dir.glob("*/*.nbi"):
-            yield path.stem
+        """Every stored key: files of their own, and the records of segments (which the index
+        holds for every segment it has seen; unseen ones are indexed when the store opens)."""
+        seen: set[str] = set()
+        for key in self._own_file_keys() + self.index.packed_keys():
+            if key not in seen:
+                seen.add(key)
+                yield key
 
     def verify(self, key: str) -> str | None:
         """None if the entry is whole and signed, else the reason it is not."""
@@ -827,7 +1422,11 @@ class Store:
         return None
 
     def verify_all(self, *, quarantine: bool = True) -> dict[str, str]:
-        """Check every entry; returns {key: reason} of the bad ones (moved aside if asked)."""
+        """Check every entry; returns {key: reason} of the bad ones (moved aside if asked).
+        Records of a segment that the index does not place there are reported too if their
+        signature fails (``segment@offset`` when not even their key can be read), and dropped
+        when ``quarantine``."""
+        self._recover_segments()
         bad: dict[str, str] = {}
         for key in list(self.keys()):
             reason = self.verify(key)
@@ -837,17 +1436,63 @@ class Store:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", CorruptEntryWarning)
                         self.reject(key, reason)
+        untracked: set[str] = set()
+        for segment in sorted(self.index.segment_names()):
+            indexed = set(self.index.in_segment(segment).values())
+            try:
+                records = list(scan_segment(self.segment_file(segment)))
+            except FileNotFoundError:
+                continue
+            for rec in records:
+                if rec.offset in indexed:
+                    continue
+                untracked.add(segment)  # an older copy or damage: not reachable either way
+                if not hmac.compare_digest(rec.signature, self._sign(rec.header_bytes)):
+                    name = rec.header.get("key")
+                    label = name if isinstance(name, str) else f"{segment}@{rec.offset}"
+                    bad[label] = "signature does not verify (not made with this cache's key, " \
+                                 "or altered)"
+                    if quarantine:
+                        self._quarantine_bytes(str(label).replace("/", "_"),
+                                               _record_bytes_at(self.segment_file(segment),
+                                                                rec.offset, rec.end),
+                                               bad[label], "")
+        if quarantine and untracked:
+            self._compact(untracked)
         return bad
 
     def rebuild_index(self) -> int:
-        """Make the index again from the entries (it is derived data). Returns the count."""
+        """Make the index again from the entries (it is derived data). Returns the count.
+        A key stored twice (a crash came before its older copy was dropped) keeps its newest
+        copy; the older one is dropped."""
+        current, obsolete = self._current_segments()
+        for segment in obsolete:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.segment_file(segment))
         self.index.clear()
-        rows = []
-        for key in list(self.keys()):
+        rows: dict[str, IndexRow] = {}
+        for key in self._own_file_keys():
             row = self._reindex_one_quiet(key)
             if row is not None:
-                rows.append(row)
-        self.index.put(rows)
+                rows[key] = row
+        stale: set[str] = set()
+        for segment in sorted(current):
+            for row in self._signed_records(segment):
+                old = rows.get(row.key)
+                if old is not None and old.created > row.created:
+                    stale.add(segment)
+                    continue
+                if old is not None:
+                    if old.segment:
+                        stale.add(old.segment)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.entry_file(row.key))
+                rows[row.key] = row
+        self.index.put(list(rows.values()), segments=sorted(current))
+        self._packs_seen = self._packs_mtime()
+        if stale:
+            self._compact(stale)
         return len(rows)
 
     def _reindex_one_quiet(self, key: str) -> IndexRow | None:
@@ -858,18 +1503,50 @@ class Store:
         return row_from_header(key, hd, header)
 
     def delete(self, keys: Iterable[str]) -> int:
-        count = 0
+        """Delete entries: a file of its own is removed; a segment is rewritten without the
+        deleted records (or removed when nothing is left in it)."""
         keys = list(keys)
+        locations = self.index.locations(keys)
+        by_segment: dict[str, set[str]] = {}
+        count = 0
         for key in keys:
+            segment = locations.get(key, ("", 0))[0]
+            if segment:
+                by_segment.setdefault(segment, set()).add(key)
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.entry_path(key))
                 count += 1
-            self._verified_headers.pop(key, None)
+        for segment, drop in by_segment.items():
+            count += self._compact([segment], drop)
         self.index.delete(keys)
         return count
 
 
-def row_from_header(key: str, hd: str, header: dict[str, Any]) -> IndexRow:
+def _record_bytes(data: bytes, offset: int) -> bytes | None:
+    """The bytes of the record at ``offset`` of a segment's contents, padding included; None if
+    its preamble or header cannot be read, or its payload runs past the end."""
+    try:
+        hlen = _parse_preamble(data[offset:offset + _PREAMBLE])
+        start = offset + _PREAMBLE
+        header = json.loads(data[start:start + hlen])
+        end = _align(start + hlen) + int(header["length"])
+    except (BadEntry, ValueError, KeyError, TypeError):
+        return None
+    if end > len(data):
+        return None
+    record = data[offset:_align(end)]
+    return record + b"\0" * (_align(end) - offset - len(record))
+
+
+def _record_bytes_at(path: str, offset: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(end - offset)
+
+
+def row_from_header(key: str, hd: str, header: dict[str, Any], segment: str = "",
+                    record_offset: int = 0) -> IndexRow:
     meta = header.get("meta") or {}
     return IndexRow(
         key=key, node=str(meta.get("node", "")), task=str(meta.get("task", "")),
@@ -880,7 +1557,8 @@ def row_from_header(key: str, hd: str, header: dict[str, Any]) -> IndexRow:
         engine=str(meta.get("engine", "")), host=str(meta.get("host", "")), hits=0,
         code_digest=str(meta.get("code_digest", "")), args=json.dumps(meta.get("args", {})),
         arg_digests=json.dumps(meta.get("arg_digests", {})),
-        upstream=json.dumps(meta.get("upstream", {})))
+        upstream=json.dumps(meta.get("upstream", {})), segment=segment,
+        record_offset=record_offset)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -79,12 +79,27 @@ def _token_server() -> None:
         stdout.flush()
 
 
-def _commit(cache: str, keys: str, n: int) -> None:
-    from nbindustria.store import Store, stage_value
+def _commit(cache: str, keys: str, n: int, how: str = "kernel") -> None:
+    """Commit ``n`` entries in one group: every third one in a file of its own, the others as
+    records of the group's segment, staged in memory (``kernel``) or in an engine's part file
+    (``engine``). ``delete``: commit them all, then delete keys 1 and 3 (a segment rewrite)."""
+    from nbindustria.store import SegmentWriter, Store, stage_value
 
     store = Store(cache, keys)
+    writer = SegmentWriter(store.entries_dir) if how == "engine" else None
     staged = [stage_value(store.entries_dir, commit_key(i), commit_value(i), {"label": f"v{i}"},
-                          label=f"v{i}") for i in range(n)]
+                          label=f"v{i}", pack=False if i % 3 == 2 else None, segment=writer)
+              for i in range(n)]
+    if writer is not None:
+        writer.close()
+        for item in staged:
+            item.part_records = writer.count
+    if how == "delete":
+        store.commit(staged)
+        print("staged", flush=True)
+        store.delete([commit_key(1), commit_key(3)])
+        print("committed", flush=True)
+        return
     print("staged", flush=True)
     store.commit(staged)
     print("committed", flush=True)
@@ -109,7 +124,7 @@ if __name__ == "__main__":
     if command == "tokens":
         _token_server()
     elif command == "commit":
-        _commit(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        _commit(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:6])
     elif command == "big":
         _big(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 
 class Counter:
@@ -104,3 +105,14 @@ def exec_cell(source: str, namespace: dict[str, object] | None = None,
     ns.setdefault("__name__", module_name)
     exec(compile(text, filename, "exec"), ns)
     return ns
+
+
+def flip_last_payload_byte(store: Any, key: str) -> None:
+    """Damage an entry where it is stored (its own file, or its record in a segment)."""
+    from nbindustria.store import read_header
+
+    path, offset, _packed = store.locate(key)
+    _sig, _hb, header, payload_offset = read_header(path, offset)
+    data = bytearray(Path(path).read_bytes())
+    data[payload_offset + int(header["length"]) - 1] ^= 0xFF
+    Path(path).write_bytes(bytes(data))

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import flip_last_payload_byte
 
 from nbindustria import Pipeline
 from nbindustria.cli import main
+from nbindustria.store import Store
 
 
 def make_rows(n):
@@ -92,14 +94,17 @@ def test_timings_memory_and_profile(filled: Pipeline, tmp_path: Path,
     assert code == 0 and "profiled call(s) of total" in out and "function calls" in out
 
 
-def test_gc_clear_and_verify(filled: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gc_clear_and_verify(filled: Pipeline, key_dir: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
     store_dir = filled.settings.cache_dir
     code, out, _ = run_cli(capsys, "verify")
     assert code == 0 and "4 of 4 result(s) verified" in out
-    entry = next(store_dir.glob("entries/*/*.nbi"))
-    data = bytearray(entry.read_bytes())
-    data[-1] ^= 0xFF
-    entry.write_bytes(bytes(data))
+    # Small results are records of segment files: flip the last payload byte of one of them.
+    store = Store(store_dir, key_dir)
+    key = store.index.query("task = ?", ("total",))[0].key
+    path, _offset, packed = store.locate(key)
+    assert packed and path.startswith(str(store_dir / "entries" / "packs"))
+    flip_last_payload_byte(store, key)
     code, out, _ = run_cli(capsys, "verify")
     assert code == 1 and "BAD" in out and "3 of 4 result(s) verified; 1 bad" in out
     code, out, _ = run_cli(capsys, "verify", "--reindex")
@@ -107,8 +112,14 @@ def test_gc_clear_and_verify(filled: Pipeline, capsys: pytest.CaptureFixture[str
 
     code, out, _ = run_cli(capsys, "gc", "--max-size", "0", "--dry-run")
     assert "would delete 3 result(s)" in out and "1 quarantined entry" in out
+    cleared = {r.key for r in store.index.query("task = ?", ("make_rows",))}
+    assert cleared
     code, out, _ = run_cli(capsys, "clear", "make_rows")
     assert "deleted" in out
+    # A cleared result does not come back when the index is made again from the entries.
+    code, out, _ = run_cli(capsys, "verify", "--reindex")
+    assert code == 0
+    assert not cleared & set(store.keys())
     code, _, err = run_cli(capsys, "clear", "--all")
     assert code == 2 and "--yes" in err
     code, out, _ = run_cli(capsys, "clear", "--all", "--yes")
@@ -117,6 +128,8 @@ def test_gc_clear_and_verify(filled: Pipeline, capsys: pytest.CaptureFixture[str
     assert code == 0 and "1 quarantined entry" in out
     _, out, _ = run_cli(capsys, "ls")
     assert "no stored results" in out
+    assert list((store_dir / "entries" / "packs").iterdir()) == []
+    store.close()
 
 
 def test_missing_cache_and_the_installed_command(tmp_path: Path,

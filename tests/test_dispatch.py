@@ -337,3 +337,32 @@ def test_a_fully_cached_run_starts_no_engines(tmp_path):
     assert again.run().cached == 3
     assert again.executor.started is False  # type: ignore[attr-defined]
     assert [h.result() for h in handles] == [0, 1, 4]
+
+
+def square_record(i: int) -> dict[str, int]:
+    return {"i": i, "sq": i * i}
+
+
+def sum_squares(parts: list[dict[str, int]]) -> tuple[int, int]:
+    return sum(p["sq"] for p in parts), os.getpid()
+
+
+def test_small_results_of_engines_are_packed_in_segments(tmp_path, engines):
+    """Engines stage a batch's small results in one part file; the kernel signs them into
+    segments; engines then read their inputs from segments by (file, offset)."""
+    pipe = _pipe(tmp_path, engines)
+    part = pipe.task(square_record)
+    total = pipe.task(sum_squares)
+    parts = [part(i) for i in range(300)]
+    tops = [total(parts[:150]), total(parts[150:])]
+    assert pipe.run().ran == 302
+    store = pipe.store
+    locations = [store.locate(h.key) for h in parts]
+    assert all(packed for _path, _offset, packed in locations)
+    segments = {path for path, _offset, _packed in locations}
+    assert 1 <= len(segments) < 30  # groups, not one file per result
+    assert list(store.packs_dir.glob(".*.part")) == []  # every part file was consumed
+    assert [t.result()[0] for t in tops] == [sum(i * i for i in range(150)),
+                                            sum(i * i for i in range(150, 300))]
+    assert {t.result()[1] for t in tops} <= {info.pid for info in engines.info()}
+    assert store.verify_all(quarantine=False) == {}

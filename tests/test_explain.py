@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from support import Counter, ModuleWriter, exec_cell
+from support import Counter, ModuleWriter, exec_cell, flip_last_payload_byte
 
 from nbindustria.errors import CorruptEntryWarning
 from nbindustria.explain import diff_manifests
@@ -144,10 +144,7 @@ def test_unreadable_entry(pipe: Pipeline, cell: Any) -> None:
     up = ns["double"](1)
     pipe.run(up)
     assert up.key is not None
-    path = pipe.store.entry_path(up.key)
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_last_payload_byte(pipe.store, up.key)
     top = ns["inc"](up)
     with pytest.warns(CorruptEntryWarning):
         pipe.run(top)

@@ -40,10 +40,15 @@ from nbindustria.store import (
     INDEX_NAME,
     MAGIC,
     MMAP_THRESHOLD,
+    PACK_LIMIT,
+    SEGMENT_SUFFIX,
     BadEntry,
+    Index,
+    SegmentWriter,
     Store,
     _canonical,
     read_header,
+    scan_segment,
     stage_value,
     verify_staged_input,
 )
@@ -63,7 +68,49 @@ def corrupt_warnings(record: Any) -> list[Any]:
 @pytest.fixture
 def loaded_entry(store: Store) -> Iterator[Path]:
     store.put(KEY, {"value": list(range(50)), "text": "hello"}, {"label": "v"})
-    yield store.entry_path(KEY)
+    yield Path(store.locate(KEY)[0])
+
+
+def segments(store: Store) -> list[Path]:
+    return sorted(store.packs_dir.glob(f"*{SEGMENT_SUFFIX}"))
+
+
+def stored_keys(store: Store) -> list[str]:
+    """Every key a record or file on disk holds (whatever the index says)."""
+    found = [p.stem for p in store.entries_dir.glob("*/*.nbi")]
+    for path in segments(store):
+        found += [str(r.header.get("key")) for r in scan_segment(path)]
+    return sorted(found)
+
+
+def region(store: Store, key: str) -> tuple[Path, int, int, bool]:
+    """(file, start, end, packed) of an entry's bytes: a whole file, or one record (from its
+    magic to its payload's last byte) of a segment."""
+    path, offset, packed = store.locate(key)
+    if not packed:
+        return Path(path), 0, os.path.getsize(path), False
+    _sig, _hb, header, payload_offset = read_header(path, offset)
+    return Path(path), offset, payload_offset + int(header["length"]), True
+
+
+def damage_entry(store: Store, key: str, how: str, scratch: Path) -> None:
+    """``damage`` an entry where it is: its own file, or its record inside a segment (bytes
+    changed in place; a truncation truncates the segment there)."""
+    path, start, end, packed = region(store, key)
+    if not packed:
+        damage(path, how)
+        return
+    data = bytearray(path.read_bytes())
+    record = scratch / "record"
+    record.write_bytes(bytes(data[start:end]))
+    damage(record, how, same_length=True)
+    new = record.read_bytes()
+    if len(new) == end - start:
+        data[start:end] = new
+    else:
+        assert len(new) < end - start, how
+        data = data[:start + len(new)]
+    path.write_bytes(bytes(data))
 
 
 # ---- values round trip ----------------------------------------------------------------------------
@@ -101,7 +148,9 @@ def test_arrays_round_trip_read_only(store: Store, array: np.ndarray) -> None:
     assert back.dtype == array.dtype and back.shape == array.shape
     np.testing.assert_array_equal(back, array)
     assert not back.flags.writeable
-    assert store.entry_path(KEY).read_bytes()[:8] == MAGIC
+    path, offset, packed = store.locate(KEY)
+    assert packed == (array.nbytes < PACK_LIMIT)
+    assert Path(path).read_bytes()[offset:offset + 8] == MAGIC
 
 
 def _is_mapped(array: np.ndarray) -> bool:
@@ -141,7 +190,7 @@ def test_unpicklable_value_names_the_path(store: Store) -> None:
                 self.lock = threading.Lock()
 
         stage_value(store.entries_dir, KEY, {"ok": 1, "model": Model()}, {}, label="fit(1)")
-    assert list(store.entries_dir.rglob("*")) == []
+    assert [p for p in store.entries_dir.rglob("*") if p.is_file()] == []
 
 
 # ---- a private directory ------------------------------------------------------------------------
@@ -171,14 +220,15 @@ def test_entries_0600_directories_0700(pipe: Pipeline, counter: Counter,
         pipe.run()
         # Make the store quarantine one entry, so quarantine files are checked too.
         assert handles[0].key is not None
-        path = pipe.store.entry_path(handles[0].key)
-        path.write_bytes(path.read_bytes()[:-1])
+        damage_entry(pipe.store, handles[0].key, "truncated-by-one", key_dir.parent)
         with pytest.warns(CorruptEntryWarning):
             assert handles[0].result() == {"x": 1}
     finally:
         os.umask(old_umask)
     found = modes(pipe.store.path)
     assert any(name.endswith(".nbi") for name in found)
+    assert any(name.endswith(SEGMENT_SUFFIX) for name in found) or \
+        any(name.startswith("entries/packs") for name in found)
     assert any(name.startswith("quarantine/") and name.endswith(".reason") for name in found)
     for name, mode in found.items():
         is_dir = (pipe.store.path / name).is_dir()
@@ -243,6 +293,7 @@ def test_key_others_could_read_or_replace_is_refused(store: Store, cache_dir: Pa
             Store(cache_dir, key_dir)
         os.chown(store.key_path, 0, 0)
     Store(cache_dir, key_dir).close()
+    store.index = Index(cache_dir / INDEX_NAME)  # for the final check of every entry
 
 
 def test_missing_key_of_a_non_empty_cache(store: Store, cache_dir: Path, key_dir: Path) -> None:
@@ -251,7 +302,8 @@ def test_missing_key_of_a_non_empty_cache(store: Store, cache_dir: Path, key_dir
     store.key_path.unlink()
     with pytest.raises(MissingCacheKeyError, match="never trusted without their key"):
         Store(cache_dir, key_dir)
-    assert store.entry_path(KEY).exists()  # nothing was deleted or re-keyed
+    assert KEY in stored_keys(store)  # nothing was deleted or re-keyed
+    store.index = Index(cache_dir / INDEX_NAME)  # for the final check of every entry
 
 
 def test_missing_key_of_an_empty_cache_is_made(cache_dir: Path, key_dir: Path) -> None:
@@ -328,7 +380,7 @@ def test_copied_cache_with_another_key_is_never_unpickled(store: Store, tmp_path
 # ---- damaged entries ----------------------------------------------------------------------------
 
 
-def damage(path: Path, how: str) -> None:
+def damage(path: Path, how: str, same_length: bool = False) -> None:
     data = bytearray(path.read_bytes())
     sig, header_bytes, header, offset = read_header(path)
     hlen = len(header_bytes)
@@ -358,14 +410,18 @@ def damage(path: Path, how: str) -> None:
         data[-1] ^= 0x01
     elif how == "tampered-header":
         # A header rewritten by someone without the key: the signature cannot follow.
-        header["meta"] = {"label": "planted"}
+        header["meta"] = {"label": "p" if same_length else "planted"}
         new_header = _canonical(header)
         assert len(new_header) <= hlen + 100
+        if same_length:  # JSON may end with spaces: the record keeps its size
+            assert len(new_header) <= hlen
+            new_header += b" " * (hlen - len(new_header))
         prefix = MAGIC + sig + len(new_header).to_bytes(4, "little") + new_header
         prefix += b"\0" * ((-len(prefix)) % _ALIGN)
         data = bytearray(prefix) + data[offset:]
     elif how == "empty-header":
-        data = bytearray(MAGIC + sig + (0).to_bytes(4, "little"))
+        empty = MAGIC + sig + (0).to_bytes(4, "little")
+        data = bytearray(empty) + (data[len(empty):] if same_length else bytearray())
     else:
         raise AssertionError(how)
     path.write_bytes(bytes(data))
@@ -377,51 +433,86 @@ DAMAGE = ["truncated-to-zero", "truncated-in-header", "truncated-in-payload", "t
           "empty-header"]
 
 
+TRUNCATING = {"truncated-to-zero", "truncated-in-header", "truncated-in-payload",
+              "truncated-by-one"}
+
+
 @pytest.mark.corrupts
-@pytest.mark.parametrize("kind", ["pickle", "array", "big-array"])
+@pytest.mark.parametrize("kind", ["pickle", "array", "pickle-own-file", "big-array"])
 @pytest.mark.parametrize("how", DAMAGE)
-def test_damaged_entry_is_one_warning_and_moved_aside(store: Store, how: str, kind: str) -> None:
+def test_damaged_entry_is_one_warning_and_moved_aside(store: Store, how: str, kind: str,
+                                                      tmp_path: Path) -> None:
     value: Any = {"pickle": {"a": list(range(100))}, "array": np.arange(100.0),
+                  "pickle-own-file": {"a": list(range(100))},
                   "big-array": np.arange(MMAP_THRESHOLD // 4, dtype=np.float64)}[kind]
-    store.put(KEY, value, {"label": "fit(1)"})
-    path = store.entry_path(KEY)
-    damage(path, how)
+    pack = False if kind == "pickle-own-file" else None
+    # Packed: the damaged record has neighbours in its segment, which must still load (after
+    # a truncation, the records before it).
+    neighbours = {key_of(1): "before", **({} if how in TRUNCATING else {key_of(2): "after"})}
+    staged = [stage_value(store.entries_dir, key_of(1), "before", {}),
+              stage_value(store.entries_dir, KEY, value, {"label": "fit(1)"}, pack=pack)]
+    if key_of(2) in neighbours:
+        staged.append(stage_value(store.entries_dir, key_of(2), "after", {}))
+    store.commit(staged)
+    path, _start, _end, packed = region(store, KEY)
+    assert packed == (kind in ("pickle", "array"))
+    if how == "appended" and packed:
+        # Bytes after a record's payload belong to no record (its padding, or the next one):
+        # the record is intact, and so are its neighbours.
+        with open(path, "ab") as f:
+            f.write(b"\0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert store.try_load(KEY)[0] and store.verify_all() == {}
+            assert all(store.load(k) == v for k, v in neighbours.items())
+        return
+    damage_entry(store, KEY, how, tmp_path)
     with pytest.warns(CorruptEntryWarning) as record:
         assert store.try_load(KEY, "fit(1)") == (False, None)
     (warning,) = corrupt_warnings(record)
     assert "fit(1)" in str(warning.message)
-    assert not path.exists()
+    assert KEY not in stored_keys(store)  # moved aside, not left where it was
+    assert not packed or not path.exists()  # a segment is rewritten, never changed in place
     (moved,) = store.quarantine_dir.glob(f"{KEY}.*.nbi")
     reason = moved.with_suffix(".reason").read_text()
     assert reason.startswith("fit(1)\n")
-    # A miss now, and no second warning.
+    if packed and how not in ("truncated-to-zero", "truncated-in-header"):
+        flipped = bytes([MAGIC[0] ^ 1]) + MAGIC[1:]
+        assert moved.read_bytes()[:8] == (flipped if how == "flip-magic" else MAGIC)
+    # A miss now, and no second warning; the other records of the segment are intact.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert store.try_load(KEY) == (False, None)
+        for key, expected in neighbours.items():
+            assert store.load(key) == expected
     assert store.verify_all() == {}
 
 
 @pytest.mark.corrupts
 @pytest.mark.parametrize("kind", ["pickle", "array"])
-def test_every_single_byte_flip_is_caught(store: Store, kind: str) -> None:
+@pytest.mark.parametrize("pack", [True, False], ids=["record", "own-file"])
+def test_every_single_byte_flip_is_caught(store: Store, kind: str, pack: bool) -> None:
     value: Any = {"a": [1, 2.5, "x" * 40]} if kind == "pickle" else np.arange(16.0)
-    store.put(KEY, value)
-    path = store.entry_path(KEY)
+    store.commit([stage_value(store.entries_dir, OTHER, "neighbour", {}),
+                  stage_value(store.entries_dir, KEY, value, {}, pack=pack)])
+    path, start, end, packed = region(store, KEY)
+    assert packed == pack
     original = path.read_bytes()
-    for i in range(len(original)):
+    for i in range(start, end):
         data = bytearray(original)
         data[i] ^= 0x01
         path.write_bytes(bytes(data))
         with pytest.raises(BadEntry):
             store.load(KEY)
+        assert store.load(OTHER) == "neighbour"
     path.write_bytes(original)
     assert store.verify(KEY) is None
 
 
 @pytest.mark.corrupts
 def test_entry_moved_into_another_place(store: Store) -> None:
-    store.put(KEY, "mine")
-    store.put(OTHER, "theirs")
+    store.put(KEY, "mine", pack=False)
+    store.put(OTHER, "theirs", pack=False)
     shutil.copy(store.entry_path(OTHER), store.entry_path(KEY))
     with pytest.raises(BadEntry, match="another entry's place"):
         store.load(KEY)
@@ -430,9 +521,32 @@ def test_entry_moved_into_another_place(store: Store) -> None:
     assert store.load(OTHER) == "theirs"
 
 
+@pytest.mark.corrupts
+def test_record_copied_into_another_place(store: Store) -> None:
+    """A signed record of another key, copied over a record of another segment, is a miss."""
+    third = "ef" * 16
+    store.commit([stage_value(store.entries_dir, KEY, "mine!!", {}),
+                  stage_value(store.entries_dir, third, "third", {})])
+    store.put(OTHER, "theirs")  # another segment
+    mine, m_start, m_end, _ = region(store, KEY)
+    theirs, t_start, t_end, _ = region(store, OTHER)
+    assert mine != theirs and m_end - m_start == t_end - t_start
+    data = bytearray(mine.read_bytes())
+    data[m_start:m_end] = theirs.read_bytes()[t_start:t_end]
+    mine.write_bytes(bytes(data))
+    with pytest.raises(BadEntry, match="another entry's place"):
+        store.load(KEY)
+    with pytest.warns(CorruptEntryWarning):
+        assert store.try_load(KEY) == (False, None)
+    assert store.load(OTHER) == "theirs"
+    assert store.load(third) == "third"
+    assert store.verify_all() == {}
+
+
 def planted_entry(store: Store, key: str, payload: bytes, signature: bytes) -> None:
     """Write an entry with a payload of our choice and a header that describes it exactly
-    (its sha256 and xxh3 match), signed with ``signature``."""
+    (its sha256 and xxh3 match), signed with ``signature``, where the entry of ``key`` is: its
+    own file, or its record (the segment is cut there and the planted record appended)."""
     import xxhash
 
     header = {"format": 1, "key": key, "kind": "pickle", "length": len(payload),
@@ -441,18 +555,27 @@ def planted_entry(store: Store, key: str, payload: bytes, signature: bytes) -> N
     header_bytes = _canonical(header)
     prefix = MAGIC + signature + len(header_bytes).to_bytes(4, "little") + header_bytes
     prefix += b"\0" * ((-len(prefix)) % _ALIGN)
+    path, offset, packed = store.locate(key)
+    if packed:
+        with open(path, "r+b") as f:
+            f.truncate(offset)
+            f.seek(offset)
+            f.write(prefix + payload)
+        return
     store.entry_path(key).parent.mkdir(mode=0o700, exist_ok=True)
     store.entry_path(key).write_bytes(prefix + payload)
     os.chmod(store.entry_path(key), 0o600)
 
 
 @pytest.mark.corrupts
+@pytest.mark.parametrize("pack", [True, False], ids=["record", "own-file"])
 @pytest.mark.parametrize("signature", ["zeros", "random", "of-the-real-entry"])
-def test_planted_pickle_is_never_unpickled(store: Store, tmp_path: Path, signature: str) -> None:
+def test_planted_pickle_is_never_unpickled(store: Store, tmp_path: Path, signature: str,
+                                           pack: bool) -> None:
     marker = tmp_path / "pwned"
     evil = pickle.dumps(CreatesAFile(str(marker)))
-    store.put(KEY, "the real value")
-    real_sig = read_header(store.entry_path(KEY))[0]
+    store.put(KEY, "the real value", pack=pack)
+    real_sig = read_header(*store.locate(KEY)[:2])[0]
     sig = {"zeros": b"\0" * 32, "random": os.urandom(32), "of-the-real-entry": real_sig}
     planted_entry(store, KEY, evil, sig[signature])
     with pytest.raises(BadEntry, match="signature"):
@@ -465,16 +588,19 @@ def test_planted_pickle_is_never_unpickled(store: Store, tmp_path: Path, signatu
 
 
 @pytest.mark.corrupts
-def test_payload_swapped_under_a_valid_signature(store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pack", [True, False], ids=["record", "own-file"])
+def test_payload_swapped_under_a_valid_signature(store: Store, tmp_path: Path,
+                                                 pack: bool) -> None:
     marker = tmp_path / "pwned"
     evil = pickle.dumps(CreatesAFile(str(marker)))
-    store.put(KEY, b"x" * (len(evil) + 64))  # a real entry: signature valid for its header
-    path = store.entry_path(KEY)
-    _sig, _hb, _header, offset = read_header(path)
+    # A real entry: its signature is valid for its header.
+    store.put(KEY, b"x" * (len(evil) + 64), pack=pack)
+    path, start, end, _packed = region(store, KEY)
+    offset = read_header(path, start)[3]
     data = path.read_bytes()
-    real_payload = data[offset:]
+    real_payload = data[offset:end]
     swapped = evil + b"." * (len(real_payload) - len(evil))  # same length: pickle stops at "."
-    path.write_bytes(data[:offset] + swapped)
+    path.write_bytes(data[:offset] + swapped + data[end:])
     with pytest.raises(BadEntry, match="digest"):
         store.load(KEY)
     with pytest.warns(CorruptEntryWarning):
@@ -514,8 +640,9 @@ def test_planted_pickle_through_a_pipeline(pipe: Pipeline, counter: Counter,
 @pytest.mark.parametrize("how", ["truncated-by-one", "flip-payload-last", "flip-header",
                                  "flip-signature", "truncated-to-zero"])
 @pytest.mark.parametrize("shape", ["result", "input"])
+@pytest.mark.parametrize("n", [200_000, 1000], ids=["own-file", "record"])
 def test_damaged_entry_is_recomputed(pipe: Pipeline, counter: Counter, how: str,
-                                     shape: str) -> None:
+                                     shape: str, n: int, tmp_path: Path) -> None:
     @pipe.task
     def make(n: int) -> np.ndarray:
         counter.hit("make")
@@ -526,57 +653,72 @@ def test_damaged_entry_is_recomputed(pipe: Pipeline, counter: Counter, how: str,
         counter.hit("total")
         return float(a.sum())
 
-    made = make(200_000)
+    made = make(n)
     pipe.run()
     assert made.key is not None
-    damage(pipe.store.entry_path(made.key), how)
+    damage_entry(pipe.store, made.key, how, tmp_path)
     with pytest.warns(CorruptEntryWarning) as record:
         if shape == "result":
-            made = make(200_000)
+            made = make(n)
             pipe.run()
             value = made.result()
-            np.testing.assert_array_equal(value, np.arange(200_000.0))
+            np.testing.assert_array_equal(value, np.arange(float(n)))
         else:
-            top = total(make(200_000))
+            top = total(make(n))
             pipe.run()
-            assert top.result() == float(np.arange(200_000).sum())
+            assert top.result() == float(np.arange(n).sum())
     assert len(corrupt_warnings(record)) == 1
     assert counter["make"] == 2
     assert pipe.store.verify_all(quarantine=False) == {}
     assert len(list(pipe.store.quarantine_dir.glob("*.nbi"))) == 1
 
 
-def test_engine_side_check_of_an_input(store: Store) -> None:
-    store.put(KEY, np.arange(5))
-    header_digest, _header, _ = store.verified_header(KEY)
-    path = str(store.entry_path(KEY))
-    np.testing.assert_array_equal(verify_staged_input(path, header_digest), np.arange(5))
+@pytest.mark.parametrize("pack", [True, False], ids=["record", "own-file"])
+def test_engine_side_check_of_an_input(store: Store, pack: bool) -> None:
+    store.commit([stage_value(store.entries_dir, OTHER, "first", {}),
+                  stage_value(store.entries_dir, KEY, np.arange(5), {}, pack=pack)])
+    path, offset, packed, header_digest, _header, _ = store.verified_record(KEY)
+    assert packed == pack and (offset > 0) == pack
+    np.testing.assert_array_equal(verify_staged_input(path, header_digest, offset=offset),
+                                  np.arange(5))
     with pytest.raises(BadEntry, match="header differs"):
-        verify_staged_input(path, "0" * 32)
+        verify_staged_input(path, "0" * 32, offset=offset)
 
 
 # ---- commits and the index ------------------------------------------------------------------
 
 
-def test_commit_is_grouped(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pack", [True, False], ids=["records", "own-files"])
+def test_commit_is_grouped(store: Store, monkeypatch: pytest.MonkeyPatch, pack: bool) -> None:
     from nbindustria import store as store_module
 
     calls: list[str] = []
-    real = store_module._syncfs
+    fsyncs: list[int] = []
+    real, real_fsync = store_module._syncfs, os.fsync
     monkeypatch.setattr(store_module, "_syncfs", lambda p: (calls.append(p), real(p)))
-    staged = [stage_value(store.entries_dir, key_of(i), {"i": i}, {}) for i in range(50)]
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    staged = [stage_value(store.entries_dir, key_of(i), {"i": i}, {}, pack=pack)
+              for i in range(50)]
     store.commit(staged)
-    assert len(calls) == 2  # one flush for the data, one for the renames: not one per entry
+    if pack:
+        # One segment file for the group: one flush of its data, one of its directory.
+        assert (len(calls), len(fsyncs)) == (0, 2)
+        assert len(segments(store)) == 1
+    else:
+        assert len(calls) == 2  # one flush for the data, one for the renames
     assert all(store.load(key_of(i)) == {"i": i} for i in range(50))
     assert list(store.entries_dir.rglob("*.part")) == []
 
 
-def test_commit_refuses_a_staged_file_of_another_key(store: Store) -> None:
-    staged = stage_value(store.entries_dir, KEY, 1, {})
+@pytest.mark.parametrize("pack", [True, False], ids=["record", "own-file"])
+def test_commit_refuses_a_staged_file_of_another_key(store: Store, pack: bool) -> None:
+    staged = stage_value(store.entries_dir, KEY, 1, {}, pack=pack)
     staged.key = OTHER
     with pytest.raises(StoreError, match="does not hold key"):
         store.commit([staged])
-    os.unlink(staged.path)
+    if not pack:
+        os.unlink(staged.path)
+    assert stored_keys(store) == []
 
 
 def test_missing_entry_is_a_clean_miss(store: Store) -> None:
@@ -617,26 +759,47 @@ def test_index_is_derived_data(cache_dir: Path, key_dir: Path, pipe: Pipeline,
 
 
 @pytest.mark.corrupts
-def test_index_larger_than_the_file_is_a_miss(store: Store, pipe: Pipeline) -> None:
+@pytest.mark.parametrize("how", ["truncated", "removed"])
+def test_hit_whose_entry_then_fails_is_recomputed(pipe: Pipeline, counter: Counter,
+                                                  how: str) -> None:
+    """``present`` trusts the index (no file is looked at); an entry that turns out bad or
+    missing when it is loaded is computed again, as a result and as an input."""
     @pipe.task
     def f() -> bytes:
+        counter.hit("f")
         return b"x" * 10_000
+
+    @pipe.task
+    def g(data: bytes) -> int:
+        counter.hit("g")
+        return len(data)
 
     handle = f()
     pipe.run()
     assert handle.key is not None
-    path = pipe.store.entry_path(handle.key)
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.warns(CorruptEntryWarning, match="smaller than its payload"):
-        assert pipe.store.present([handle.key]) == {}
+    path = Path(pipe.store.locate(handle.key)[0])
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.unlink()
+    assert handle.key in pipe.store.present([handle.key])  # the index still says so
+    top = g(f())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        summary = pipe.run()
+        assert top.result() == 10_000
+        assert f().result() == b"x" * 10_000
+    assert summary.ran == 2 and counter["f"] == 2 and counter["g"] == 1
+    assert len(corrupt_warnings(record)) == 1  # one warning for the one bad entry
+    assert pipe.store.verify_all(quarantine=False) == {}
 
 
 @pytest.mark.corrupts
-def test_verify_all_reports_and_quarantines(store: Store) -> None:
-    for i in range(4):
-        store.put(key_of(i), i)
-    damage(store.entry_path(key_of(1)), "flip-payload-last")
-    damage(store.entry_path(key_of(2)), "truncated-in-header")
+def test_verify_all_reports_and_quarantines(store: Store, tmp_path: Path) -> None:
+    store.commit([stage_value(store.entries_dir, key_of(i), i, {}) for i in range(3)])
+    store.put(key_of(3), 3)
+    damage_entry(store, key_of(1), "flip-payload-last", tmp_path)
+    damage_entry(store, key_of(2), "truncated-in-header", tmp_path)
     assert set(store.verify_all(quarantine=False)) == {key_of(1), key_of(2)}
     bad = store.verify_all()
     assert set(bad) == {key_of(1), key_of(2)}
@@ -653,3 +816,131 @@ def test_text_log_of_a_run(pipe: Pipeline) -> None:
     pipe.run()
     assert isinstance(pipe.reporter.stream, io.StringIO)
     assert "Saved result of f() to " + str(pipe.store.entries_dir) in pipe.reporter.stream.getvalue()
+
+
+# ---- segments -------------------------------------------------------------------------------------
+
+
+def test_group_commit_packs_small_results_in_one_segment(store: Store) -> None:
+    small = {key_of(i): {"i": i, "pad": "x" * (i % 97)} for i in range(300)}
+    big = {key_of(1000 + i): np.arange(PACK_LIMIT // 8 + i, dtype=np.float64) for i in range(2)}
+    staged = [stage_value(store.entries_dir, k, v, {}) for k, v in {**small, **big}.items()]
+    store.commit(staged)
+    (segment,) = segments(store)
+    assert sorted(p.stem for p in store.entries_dir.glob("*/*.nbi")) == sorted(big)
+    records = list(scan_segment(segment))
+    assert [r.header["key"] for r in records] == list(small)
+    assert all(r.offset % _ALIGN == 0 for r in records)
+    rows = store.index.get_many(list(small) + list(big))
+    assert {r.segment for k, r in rows.items() if k in small} == {f"packs/{segment.name}"}
+    assert {r.segment for k, r in rows.items() if k in big} == {""}
+    assert all(store.load(k) == v for k, v in small.items())
+    for k, v in big.items():
+        np.testing.assert_array_equal(store.load(k), v)
+    assert stat.S_IMODE(segment.stat().st_mode) == 0o600
+
+
+def test_delete_rewrites_the_segment_and_reindex_keeps_it_deleted(store: Store) -> None:
+    store.commit([stage_value(store.entries_dir, key_of(i), i, {}) for i in range(5)])
+    (first,) = segments(store)
+    assert store.delete([key_of(1), key_of(3)]) == 2
+    (second,) = segments(store)
+    assert first.name.endswith(".0.nbs") and second.name.endswith(".1.nbs")
+    assert not first.exists()
+    assert stored_keys(store) == [key_of(0), key_of(2), key_of(4)]
+    assert [store.load(key_of(i)) for i in (0, 2, 4)] == [0, 2, 4]
+    assert store.verify(key_of(1)) == "missing"
+    assert store.rebuild_index() == 3
+    assert sorted(store.keys()) == [key_of(0), key_of(2), key_of(4)]
+    assert store.delete(list(store.keys())) == 3
+    assert segments(store) == [] and stored_keys(store) == []
+    assert store.rebuild_index() == 0
+
+
+def test_committing_a_key_again_drops_its_older_copy(store: Store) -> None:
+    store.commit([stage_value(store.entries_dir, key_of(i), i, {}) for i in range(3)])
+    store.put(key_of(1), "again")
+    store.put(key_of(2), np.arange(PACK_LIMIT // 4, dtype=np.float64))  # now a file of its own
+    assert stored_keys(store) == [key_of(0), key_of(1), key_of(2)]  # each exactly once
+    assert store.load(key_of(1)) == "again"
+    store.put(key_of(2), "small again")  # and back into a segment
+    assert stored_keys(store) == [key_of(0), key_of(1), key_of(2)]
+    assert store.rebuild_index() == 3
+    assert [store.load(key_of(i)) for i in range(3)] == [0, "again", "small again"]
+
+
+def test_an_engines_part_file_committed_in_several_groups(store: Store) -> None:
+    writer = SegmentWriter(store.entries_dir)
+    staged = [stage_value(store.entries_dir, key_of(i), {"i": i}, {}, segment=writer)
+              for i in range(4)]
+    big = stage_value(store.entries_dir, key_of(9), np.arange(PACK_LIMIT // 4.0),
+                      {}, segment=writer)  # large: a file of its own even on an engine
+    writer.close()
+    for item in staged:
+        item.part_records = writer.count
+    assert writer.count == 4 and not big.packed and Path(writer.path).exists()
+    assert [s.path for s in staged] == [writer.path] * 4
+    assert Path(writer.path).read_bytes()[_SIG_OFFSET:_SIG_OFFSET + 32] == b"\0" * 32
+    store.commit([*staged[:2], big])
+    assert Path(writer.path).exists()  # two records still wait
+    store.discard(staged[2])  # a late duplicate: never committed
+    store.commit(staged[3:])
+    assert not Path(writer.path).exists()
+    assert [store.load(key_of(i)) for i in (0, 1, 3)] == [{"i": 0}, {"i": 1}, {"i": 3}]
+    assert store.verify(key_of(2)) == "missing"
+    assert stored_keys(store) == sorted([key_of(0), key_of(1), key_of(3), key_of(9)])
+
+
+def test_present_reads_only_the_index(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = [key_of(i) for i in range(2000)]
+    for start in range(0, 2000, 500):
+        store.commit([stage_value(store.entries_dir, k, k, {}) for k in keys[start:start + 500]])
+    store.put(KEY, np.arange(PACK_LIMIT // 4.0))  # a file of its own: known to the index too
+
+    def no_file_access(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"present() looked at a file: {args}")
+
+    with monkeypatch.context() as m:
+        for name in ("stat", "lstat", "open", "scandir", "listdir"):
+            m.setattr(os, name, no_file_access)
+        m.setattr(os.path, "exists", no_file_access)
+        found = store.present([*keys, KEY])
+    assert sorted(found) == sorted([*keys, KEY])
+
+
+def test_segment_written_by_another_process_is_found_on_a_miss(cache_dir: Path, key_dir: Path,
+                                                               store: Store) -> None:
+    other = Store(cache_dir, key_dir)
+    # Another writer's segment that its index update never reached (it crashed there).
+    other.commit([stage_value(other.entries_dir, key_of(i), i, {}) for i in range(3)])
+    other.index.clear()
+    other.close()
+    assert store.index.get_many([key_of(0)]) == {}
+    assert sorted(store.present([key_of(i) for i in range(3)])) == [key_of(i) for i in range(3)]
+    assert [store.load(key_of(i)) for i in range(3)] == [0, 1, 2]
+
+
+def test_a_cache_of_format_1_is_read_as_it_is(cache_dir: Path, key_dir: Path) -> None:
+    """Before segments, every result was a file of its own and the index had no location
+    columns: such a cache opens, its entries load, and new results go to segments."""
+    import sqlite3
+
+    old = Store(cache_dir, key_dir)
+    old.commit([stage_value(old.entries_dir, key_of(i), i, {}, pack=False) for i in range(3)])
+    old.close()
+    db = sqlite3.connect(str(cache_dir / INDEX_NAME))
+    db.execute("DROP INDEX entries_segment")
+    db.execute("ALTER TABLE entries DROP COLUMN segment")
+    db.execute("ALTER TABLE entries DROP COLUMN record_offset")
+    db.execute("DROP TABLE segments")
+    db.commit()
+    db.close()
+    store = Store(cache_dir, key_dir)
+    try:
+        assert sorted(store.present([key_of(i) for i in range(3)])) == [key_of(i) for i in range(3)]
+        assert [store.load(key_of(i)) for i in range(3)] == [0, 1, 2]
+        store.put(key_of(3), 3)
+        assert store.locate(key_of(3))[2] and store.load(key_of(3)) == 3
+        assert store.verify_all(quarantine=False) == {}
+    finally:
+        store.close()

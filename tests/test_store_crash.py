@@ -68,27 +68,79 @@ def check_cache(cache: Path, keys: Path, n: int) -> dict[str, int]:
     return counts
 
 
+def helper_env(**extra: str) -> dict[str, str]:
+    """The environment of a helper process: it imports this checkout's nbindustria too."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+PACKED = [i for i in range(N) if i % 3 != 2]  # the helper packs these; the others have a file
+
+
+@pytest.mark.parametrize("how", ["kernel", "engine"])
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_crash_during_commit(tmp_path: Path, point: str) -> None:
+def test_crash_during_commit(tmp_path: Path, point: str, how: str) -> None:
     cache, keys = tmp_path / "cache", tmp_path / "keys"
-    env = dict(os.environ, NBINDUSTRIA_TEST_CRASH_AT=point, PYTHONPATH=str(TESTS))
-    proc = subprocess.run([sys.executable, HELPER, "commit", str(cache), str(keys), str(N)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, HELPER, "commit", str(cache), str(keys), str(N), how],
+                          env=helper_env(NBINDUSTRIA_TEST_CRASH_AT=point),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 99, proc.stderr
     assert "staged" in proc.stdout and "committed" not in proc.stdout
     counts = check_cache(cache, keys, N)
+    # The segment is renamed first: once it is in place (even if the index never heard of
+    # it), all its records are there; the files of their own follow one by one.
     expected_whole = {"after-sign-one": 0, "after-sign": 0, "after-sync-data": 0,
-                      "after-first-rename": 1, "after-rename": N, "after-sync-rename": N}[point]
+                      "after-first-rename": len(PACKED), "after-rename": N,
+                      "after-sync-rename": N}[point]
     assert counts == {"whole": expected_whole, "miss": N - expected_whole}
 
 
-def test_commit_without_a_crash(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["kernel", "engine"])
+def test_commit_without_a_crash(tmp_path: Path, how: str) -> None:
     cache, keys = tmp_path / "cache", tmp_path / "keys"
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
-    proc = subprocess.run([sys.executable, HELPER, "commit", str(cache), str(keys), str(N)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, HELPER, "commit", str(cache), str(keys), str(N), how],
+                          env=helper_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    # The engine's part file is gone once its records are committed; one segment holds them.
+    assert [p.name for p in (cache / "entries" / "packs").iterdir()
+            if not p.name.endswith(".nbs")] == []
+    assert len(list((cache / "entries" / "packs").glob("*.nbs"))) == 1
     assert check_cache(cache, keys, N) == {"whole": N, "miss": 0}
+    # check_cache committed every key again: the first segment's copies were dropped.
+    assert sorted(p.name.split(".")[1] for p in (cache / "entries" / "packs").glob("*.nbs")) \
+        == ["0"] * N  # put() packs every one of these small values
+
+
+@pytest.mark.parametrize("point", ["", "compact-after-rename"])
+def test_crash_while_deleting_from_a_segment(tmp_path: Path, point: str) -> None:
+    """Deleting records rewrites their segment; a crash between the new file's rename and the
+    index update leaves the rewrite done: the deleted entries never come back, not even when
+    the index is rebuilt, and the other records load."""
+    cache, keys = tmp_path / "cache", tmp_path / "keys"
+    proc = subprocess.run([sys.executable, HELPER, "commit", str(cache), str(keys), str(N),
+                           "delete"], env=helper_env(NBINDUSTRIA_TEST_CRASH_AT=point),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (99 if point else 0), proc.stderr
+    assert "staged" in proc.stdout
+    deleted = {commit_key(1), commit_key(3)}
+    for rebuild in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            store = Store(cache, keys)
+            try:
+                if rebuild:
+                    assert store.rebuild_index() == N - len(deleted)
+                assert set(store.keys()) == {commit_key(i) for i in range(N)} - deleted
+                for i in range(N):
+                    ok, value = store.try_load(commit_key(i))
+                    assert ok == (commit_key(i) not in deleted), i
+                    assert not ok or equal(value, commit_value(i))
+                assert store.verify_all(quarantine=False) == {}
+                # One generation of the segment is left, and it holds only what is live.
+                (segment,) = (cache / "entries" / "packs").glob("*.nbs")
+                assert segment.name.endswith(".1.nbs")
+            finally:
+                store.close()
 
 
 def _partial_files(cache: Path) -> list[Path]:
@@ -101,7 +153,7 @@ def test_kill_while_writing_a_large_array(tmp_path: Path) -> None:
     cache, keys = tmp_path / "cache", tmp_path / "keys"
     megabytes = 200
     total = megabytes << 20
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    env = helper_env()
     proc = subprocess.Popen([sys.executable, HELPER, "big", str(cache), str(keys),
                              str(megabytes)], env=env, stdout=subprocess.PIPE, text=True)
     killed_at = None
