@@ -50,10 +50,16 @@ INSTALL_HINT = "pip install 'nbindustria[dashboard]'"
 NODE_W, NODE_H, PITCH_X, PITCH_Y, PAD = 144, 24, 176, 30, 14
 
 INTERVAL = 0.33  # seconds between refreshes: at most ~3 a second
-COST_FACTOR = 50  # wait at least 50x what the last refresh cost: about 2% of the GIL, which
-#                  the run shares with this thread
-LINES_ABOVE = 1500  # more timeline bars than this: drawn as line segments (one SVG path per name)
+CHART_INTERVAL = 1.0  # the charts at most once a second: plotly validates what it is given
+COST_FACTOR = 50  # wait at least 50x the CPU time the last refresh took: about 2% of the GIL,
+#                  which the run shares with this thread
+CHART_COST_FACTOR = 100  # the charts' own share: about 1% (~20 ms an update for a large run)
+CHART_MAX_WAIT = 5.0
+MAX_WAIT = 2.0  # however dear a refresh, the dashboard still moves every two seconds
 MEMORY_POINTS = 2000  # at most about this many memory points are drawn (an even sample)
+# Engine memory lines: greys and slates that stay behind the task colours, in light and dark.
+ENGINE_LINES = ("#8b95a5", "#5f6b7a", "#b0b8c4", "#6e7f99")
+ENGINE_DASHES = ("solid", "dot", "dash")
 FONT = "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
 
 
@@ -106,13 +112,14 @@ def _title(text: str, x: float, y: float, name: str) -> dict[str, Any]:
 def _timeline_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
     """A trace per task name, and one for what is running (empty or not: a stable set of traces
     is updated in place, a changing one is rebuilt). Engines are rows 0, 1, ... of the y axis."""
-    bars, running = data["bars"], data["running"]
+    running = data["running"]
     row = {engine: i for i, engine in enumerate(data["engines"])}
+    # Past panels.MAX_BARS tasks the panel sends merged segments (a bounded number) instead.
+    lines = not data["bars"] and bool(data["segments"])
     by_task: dict[str, list[dict[str, Any]]] = {}
-    for bar in bars:
+    for bar in data["segments"] if lines else data["bars"]:
         by_task.setdefault(bar["task"], []).append(bar)
     traces: list[dict[str, Any]] = []
-    lines = len(bars) > LINES_ABOVE
     failed_color = panels.STATE_COLORS[FAILED]
     for task, group in by_task.items():
         color = group[0]["color"]
@@ -134,10 +141,12 @@ def _timeline_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
             "y": [row[bar["engine"]] for bar in group],
             "x": [max(bar["duration"], 1e-3) for bar in group],
             "base": [bar["start"] for bar in group],
-            "customdata": [[bar["label"], panels.format_duration(bar["duration"]), bar["state"],
-                            bar["engine"]] for bar in group],
-            "hovertemplate": "<b>%{customdata[0]}</b><br>%{customdata[3]} · %{customdata[1]} · "
-            "%{customdata[2]}<br>started +%{base:.2f} s<extra></extra>",
+            # Hover text as one flat list of strings: plotly and ipywidgets walk nested lists
+            # element by element, which costs more than everything else in an update.
+            "hovertext": [f"<b>{_esc(bar['label'])}</b><br>{bar['engine']} · "
+                          f"{panels.format_duration(bar['duration'])} · {bar['state']}"
+                          f"<br>started +{bar['start']:.2f} s" for bar in group],
+            "hovertemplate": "%{hovertext}<extra></extra>",
             "marker": {"color": color,
                        "line": {"color": [failed_color if f else color for f in failed],
                                 "width": [2.5 if f else 0.5 for f in failed]}},
@@ -149,13 +158,19 @@ def _timeline_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
         "y": [row[bar["engine"]] for bar in running],
         "x": [max(bar["duration"], 1e-3) for bar in running],
         "base": [bar["start"] for bar in running],
-        "customdata": [[bar["label"], bar["engine"]] for bar in running],
-        "hovertemplate": "<b>%{customdata[0]}</b><br>%{customdata[1]} · running<extra></extra>",
+        "hovertext": [f"<b>{_esc(bar['label'])}</b><br>{bar['engine']} · running"
+                      for bar in running],
+        "hovertemplate": "%{hovertext}<extra></extra>",
         "marker": {"color": "rgba(59,130,246,0.25)",
                    "line": {"color": panels.STATE_COLORS[RUNNING], "width": 1.5}},
         "width": 0.7,
     })
     return traces
+
+
+def _esc(text: str) -> str:
+    """Text for plotly's hover labels, which read a subset of HTML."""
+    return html.escape(text, quote=False)
 
 
 def _sample(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -169,13 +184,27 @@ def _sample(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
 
 
 def _memory_traces(data: dict[str, Any], scale: int) -> list[dict[str, Any]]:
+    """A line per engine (its memory over time, beneath), then the tasks' peaks as dots coloured
+    by task name: each dot sits on the line of the engine that ran it."""
+    traces: list[dict[str, Any]] = []
+    engines = data["engines"]
+    for i, series in enumerate(engines):
+        engine = series["engine"]
+        traces.append({
+            "type": "scatter", "mode": "lines", "name": engine, "legendgroup": "engines",
+            "showlegend": False, "xaxis": "x2", "yaxis": "y2",
+            "x": series["t"], "y": [m / scale for m in series["memory"]],
+            "line": {"color": ENGINE_LINES[i % len(ENGINE_LINES)], "width": 1.5,
+                     "dash": ENGINE_DASHES[(i // len(ENGINE_LINES)) % len(ENGINE_DASHES)]},
+            "hovertemplate": f"<b>{html.escape(engine)}</b><br>%{{y:.3~f}} "
+            f"{'GiB' if scale == 2**30 else 'MiB'} at +%{{x:.2f}} s<extra></extra>",
+        })
     by_task: dict[str, list[dict[str, Any]]] = {}
     for point in data["points"]:
         by_task.setdefault(point["task"], []).append(point)
     # Thousands of SVG markers redrawn a few times a second would slow the browser: a large
     # run shows an even sample (with each name's highest peak).
     share = max(1, MEMORY_POINTS // max(len(by_task), 1))
-    traces = []
     for task, group in by_task.items():
         shown = _sample(group, share)
         traces.append({
@@ -183,10 +212,10 @@ def _memory_traces(data: dict[str, Any], scale: int) -> list[dict[str, Any]]:
             "showlegend": False, "xaxis": "x2", "yaxis": "y2",
             "x": [p["end"] for p in shown],
             "y": [(p["peak_memory"] or 0) / scale for p in shown],
-            "customdata": [[p["label"], p["engine"], panels.format_bytes(p["peak_memory"])]
-                           for p in shown],
-            "hovertemplate": "<b>%{customdata[0]}</b><br>%{customdata[2]} on %{customdata[1]}"
-            "<extra></extra>",
+            "hovertext": [f"<b>{_esc(p['label'])}</b><br>"
+                          f"{panels.format_bytes(p['peak_memory'])} on {p['engine']}"
+                          for p in shown],
+            "hovertemplate": "%{hovertext}<extra></extra>",
             "marker": {"color": group[0]["color"], "size": 7, "opacity": 0.85,
                        "line": {"width": 0}},
         })
@@ -228,14 +257,15 @@ def charts_figure(
     ``FigureWidget`` carries plotly.js (5 MB) into the notebook's saved widget state.
     """
     engines = timeline["engines"]
-    n_bars = len(timeline["bars"])
+    n_bars = timeline["count"]
     top_h = min(460, 56 + 34 * max(len(engines), 2))  # px of the timeline's plot area
     bottom_h, gap, margin_t, margin_b = 210, 92, 34, 46
     height = margin_t + top_h + gap + bottom_h + margin_b
     plot_h = height - margin_t - margin_b
     bottom_top = bottom_h / plot_h
     top_bottom = (bottom_h + gap) / plot_h
-    highest = max([p["peak_memory"] or 0 for p in memory["points"]] + [1])
+    highest = max([p["peak_memory"] or 0 for p in memory["points"]]
+                  + [m for e in memory["engines"] for m in e["memory"]] + [1])
     # The engines' memory limit is drawn when it is in sight (within 3x the highest peak);
     # far above, the title names it instead of squashing every point to the bottom.
     limit = memory["limit"]
@@ -249,7 +279,7 @@ def charts_figure(
         _title(f"<b>Timeline</b> · {n_bars} task{'s' if n_bars != 1 else ''} ran on "
                f"{len(engines)} engine{'s' if len(engines) != 1 else ''}", 0, 1 + title_pad,
                "timeline"),
-        _title("<b>Peak memory</b> per task" + (
+        _title("<b>Memory</b> · engines over time, dots: peak per task" + (
             f" · engine limit {panels.format_bytes(limit)}" if limit and not limit_shown else ""),
             0, bottom_top + title_pad, "memory"),
         _title(f"<b>Cache</b> · {total['hits']} hits, {total['runs']} ran · "
@@ -268,6 +298,9 @@ def charts_figure(
                             "showarrow": False, "font": {"size": 10},
                             "text": f"engine limit {panels.format_bytes(limit)}"})
     layout = {
+        # No plotly template: every style is set here, and the default template costs ~20 ms
+        # of validation each time a figure is made.
+        "template": "none",
         "height": height,
         "margin": {"l": 60, "r": 12, "t": margin_t, "b": margin_b},
         "paper_bgcolor": "rgba(0,0,0,0)",
@@ -317,9 +350,10 @@ def _packed(trace: dict[str, Any]) -> dict[str, Any]:
 class _FigureSync:
     """Brings a FigureWidget to new traces and layout, sending only what changed.
 
-    plotly validates every property it is given, which costs more than computing the panels;
-    comparing plain dicts with the last ones sent is cheap, so unchanged traces and layout keys
-    are skipped.
+    plotly validates every property it is given (a fraction of a millisecond each), which costs
+    more than computing the panels; comparing plain dicts with the last ones sent is cheap, so
+    only the changed keys of changed traces, and only the changed fields of the chart titles,
+    are given to plotly.
     """
 
     def __init__(self, fig: Any) -> None:
@@ -335,18 +369,36 @@ class _FigureSync:
                 fig.data = []
             fig.add_traces([_packed(t) for t in traces])
         else:
-            changed = [(i, t) for i, (t, old) in enumerate(zip(traces, self.traces, strict=True))
+            changed = [(i, _changed(t, old))
+                       for i, (t, old) in enumerate(zip(traces, self.traces, strict=True))
                        if t != old]
             if changed:
                 with fig.batch_update():
-                    for i, trace in changed:
-                        fig.data[i].update({k: v for k, v in _packed(trace).items()
-                                            if k != "type"})
-        delta = {k: v for k, v in layout.items() if self.layout.get(k) != v}
+                    for i, keys in changed:
+                        fig.data[i].update(_packed(keys))
+        delta: dict[str, Any] = {}
+        for key, value in layout.items():
+            old = self.layout.get(key)
+            if old == value:
+                continue
+            if key == "annotations" and isinstance(old, list) and len(old) == len(value):
+                # Titles change their text as the run goes on: set just that.
+                for i, (item, before) in enumerate(zip(value, old, strict=True)):
+                    delta.update((f"{key}[{i}].{k}", v) for k, v in _changed(item, before).items())
+            else:
+                delta[key] = value
         if delta:
             with fig.batch_update():
-                fig.layout.update(delta)
+                for path, value in delta.items():
+                    fig.layout[path] = value
         self.traces, self.layout = traces, layout
+
+
+def _changed(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``new`` whose values differ from ``old``'s, and None for keys it dropped."""
+    keys = {k: v for k, v in new.items() if k != "type" and old.get(k) != v}
+    keys.update((k, None) for k in old if k not in new)
+    return keys
 
 
 # -- the live dashboard ------------------------------------------------------------------------
@@ -395,6 +447,9 @@ class Dashboard:
         The plotly ``FigureWidget`` of the timeline, memory and cache charts (``None`` until made).
     view
         The :class:`panels.RunView` the panels are computed from.
+    cpu_seconds
+        The CPU time the dashboard's own work has taken so far, in any thread (what it costs
+        the run; ``benchmarks/bench_dashboard.py`` reports it).
     """
 
     def __init__(
@@ -405,6 +460,7 @@ class Dashboard:
         interval: float = INTERVAL,
         live: bool = True,
     ) -> None:
+        began = time.thread_time()
         widgets = _require("ipywidgets")
         _require("anywidget")  # plotly's FigureWidget needs it too, and would not say how to get it
         _require("plotly")  # cheap; plotly.graph_objects' FigureWidget is the costly part
@@ -422,8 +478,14 @@ class Dashboard:
         self._seen_start = False
         self._finished = False
         self._pushed: tuple[int, int] = (-1, -1)
+        self._refreshed: tuple[int, int, int] | None = None  # the view a full refresh showed
+        self._details_sent: dict[str, Any] | None = None
+        self._charts_due = 0.0  # time.time() the charts may be updated again
+        self._charts_stale = False  # the view changed since then
         self._lock = threading.Lock()  # one sync at a time
         self._charts_lock = threading.Lock()  # one maker of the charts
+        self._cpu_lock = threading.Lock()
+        self.cpu_seconds = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._charts_thread: threading.Thread | None = None
@@ -433,6 +495,7 @@ class Dashboard:
         self.graph_widget = _widget_class()()
         self.widget = widgets.VBox([self.graph_widget], layout=widgets.Layout(width="100%"))
         self.widget.add_class("nbi-dashboard")
+        self._spent(time.thread_time() - began)  # _sync counts its own
         self._sync(force=True)
         if live and not self._finished:
             self._thread = threading.Thread(
@@ -458,9 +521,24 @@ class Dashboard:
         """Read new events and push every panel now, the charts included (e.g. at the end of a
         run, so that a notebook saved with widget state holds the final counts)."""
         self._make_charts()
+        with self._lock:
+            # The follower's last refresh may have done it all already (the run is over).
+            done = self._finished and self._refreshed == self._stamp()
+        if done:
+            return
         self._sync(force=True)
         with self._lock:
+            began = time.thread_time()
             self._snapshot_charts()
+            self._refreshed = self._stamp()
+            self._spent(time.thread_time() - began)
+
+    def _spent(self, seconds: float) -> None:
+        with self._cpu_lock:
+            self.cpu_seconds += seconds
+
+    def _stamp(self) -> tuple[int, int, int]:
+        return (self.view.version, self.view.structure_version, id(self.charts))
 
     def _snapshot_charts(self) -> None:
         """Put the charts' current data into their synced traits.
@@ -482,11 +560,12 @@ class Dashboard:
         with self._charts_lock:
             if self.charts is not None:
                 return
+            began = time.thread_time()
             # Slow (plotly's widget imports nbformat, jsonschema, ...): not under the sync lock,
             # so the header and graph keep following the run meanwhile.
             go = _require("plotly.graph_objects")
             widgets = _require("ipywidgets")
-            charts = go.FigureWidget()
+            charts = go.FigureWidget(layout={"template": "none"})
             charts._config = {"displaylogo": False, "responsive": True}
             box = widgets.Box([charts], layout=widgets.Layout(margin="10px 0 0 0"))
             box.add_class("nbi-chart")
@@ -495,6 +574,7 @@ class Dashboard:
                 self._sync_charts(*self._chart_data())
                 self.charts = charts
                 self.widget.children = (*self.widget.children, box)
+            self._spent(time.thread_time() - began)
 
     def _make_charts_quietly(self) -> None:
         # In the background a failure has nobody to tell: refresh() makes the charts again in
@@ -513,51 +593,70 @@ class Dashboard:
     def _follow(self) -> None:
         wait = self.interval
         while not self._finished and not self._stop.wait(wait):
-            wait = max(self.interval, COST_FACTOR * self._sync())
+            # The cost is this thread's CPU time, not its wall time: waiting for the GIL while
+            # the run holds it is not a cost to the run, and would stall the view for no gain.
+            wait = min(MAX_WAIT, max(self.interval, COST_FACTOR * self._sync()))
         if self._finished:  # the run ended: a last, complete refresh (charts and saved state)
             with contextlib.suppress(Exception):  # refresh() again in the caller's thread shows it
                 self.refresh()
 
-    def _ingest(self, events: Iterable[Event]) -> None:
+    def _ingest(self, events: list[Event]) -> None:
         """Feed the view the events of the run it follows; note when that run is over."""
-        for event in events:
+        begin = 0
+        for i, event in enumerate(events):
             if event.kind == RUN_START:
                 if self._seen_start:  # another run began: this dashboard is its predecessor's
+                    self.view.update(events[begin:i])
                     self._finished = True
                     return
                 self._seen_start = True
-            self.view.update((event,))
-            if event.kind == RUN_END:
+            elif event.kind == RUN_END:
+                self.view.update(events[begin : i + 1])
                 self._finished = True
                 return
+        self.view.update(events[begin:])
 
     def _sync(self, force: bool = False) -> float:
-        """Read new events and push what changed; returns the seconds it worked (not counting
-        a wait for the lock, which the chart maker may hold for a while)."""
+        """Read new events and push what changed; returns the CPU seconds this thread spent
+        (not counting a wait for the lock, which the chart maker may hold for a while)."""
         with self._lock:
-            began = time.perf_counter()
+            began = time.thread_time()
             if not self._finished:
                 events = self.log.since(self._next)
                 if events:
                     self._next = events[-1].index + 1
                     self._ingest(events)
             stamp = (self.view.version, self.view.structure_version)
+            now = time.time()
             if stamp != self._pushed or force:
                 self._pushed = stamp
-                self._push()
-            return time.perf_counter() - began
+                self._push(now)
+                self._charts_stale = True
+            final = force or self._finished
+            if self._charts_stale and self._sync_charts is not None and (
+                    final or now >= self._charts_due):
+                self._charts_stale = False
+                charts_began = time.thread_time()
+                self._sync_charts(*self._chart_data(now))
+                cost = time.thread_time() - charts_began
+                self._charts_due = now + min(CHART_MAX_WAIT, max(CHART_INTERVAL,
+                                                                 CHART_COST_FACTOR * cost))
+            cost = time.thread_time() - began
+            self._spent(cost)
+            return cost
 
-    def _push(self) -> None:
+    def _push(self, now: float) -> None:
+        """The header, graph and node details (the anywidget's traits)."""
         view = self.view
-        now = time.time()
         graph = panels.graph(view)
         state = {"header": panels.header(view, now=now), "graph": graph}
+        # Details change only with a node's state (panels caches them per node); the synced
+        # trait is assigned only when they differ, as traitlets sends only changed values.
         details = panels.details(view, panels.graph_node_ids(graph))
         with self.graph_widget.hold_sync():
             self.graph_widget.state = state
-            self.graph_widget.details = details
-        if self._sync_charts is not None:
-            self._sync_charts(*self._chart_data(now))
+            if details != self._details_sent:
+                self.graph_widget.details = self._details_sent = details
 
     def _chart_data(self, now: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         view = self.view

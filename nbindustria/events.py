@@ -8,6 +8,7 @@ a slow view never slows the run.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -109,12 +110,17 @@ class EventLog:
                 callback(event)
 
     def since(self, index: int = 0) -> list[Event]:
+        # O(new events), not O(log): a reader polling a long log must not hold the lock (which
+        # the run's append takes) while it copies events it has already read.
         with self._lock:
-            if not self._events:
+            count = min(self._next - max(index, 0), len(self._events))
+            if count <= 0:
                 return []
-            first = self._events[0].index
-            start = max(0, index - first)
-            return list(self._events)[start:] if start else list(self._events)
+            if count == len(self._events):
+                return list(self._events)
+            tail = list(itertools.islice(reversed(self._events), count))
+        tail.reverse()
+        return tail
 
     def clear(self) -> None:
         with self._lock:

@@ -16,13 +16,15 @@ Panels
   than ``threshold`` nodes collapse into one group node (expandable by name).
 - :func:`details`: what a click on a node shows (arguments, key, engine, times, memory, why, error).
 - :func:`timeline`: one bar per executed task, one row per engine (distributed's ``rectangles``).
-- :func:`memory`: peak memory per executed task, over time.
+- :func:`memory`: peak memory per executed task, and each engine's memory over time (a line per
+  engine through the peaks of the tasks it ran), with the engines' memory limit.
 - :func:`cache_stats`: hits vs runs per task name and the time the hits saved.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +91,13 @@ MAX_NODES = 400  # more visible nodes than this: group more names, largest first
 MAX_MEMBERS = 1000  # members sent along with group nodes, so that a group expands without the kernel
 MAX_ROWS = 12  # a depth column with more nodes wraps into several sub-columns
 GROUP_PREFIX = "group:"
+# Bounds on what the charts carry, whatever the size of the run (the view keeps them up to date
+# event by event, so that a refresh costs the same at 100 or 100,000 tasks).
+MAX_BARS = 1500  # more executed tasks than this: the timeline shows merged segments, not bars
+MAX_SEGMENTS = 2000  # at most this many timeline segments (bars closer than a gap merge)
+TASK_POINTS = 400  # peak-memory points kept per task name (an even sample, and the highest)
+ENGINE_POINTS = 500  # memory points kept per engine (the highest of each stretch of time)
+RUNNING_PER_ROW = 8  # running bars drawn per engine row (the longest running first)
 
 
 # Task colours: mid-tones that read on light and dark backgrounds. A name hashes to one of the
@@ -177,6 +186,112 @@ def _natural_key(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
+class EvenSample:
+    """At most ``limit`` items of a stream, evenly spread: every k-th item, k doubling when the
+    sample is full (O(1) per item), plus the item with the highest ``value``."""
+
+    __slots__ = ("count", "items", "limit", "stride", "top")
+
+    def __init__(self, limit: int) -> None:
+        self.items: list[Any] = []
+        self.limit = limit
+        self.stride = 1
+        self.count = 0
+        self.top: tuple[float, Any] | None = None
+
+    def add(self, item: Any, value: float) -> None:
+        if self.count % self.stride == 0:
+            self.items.append(item)
+            if len(self.items) > self.limit:
+                del self.items[1::2]
+                self.stride *= 2
+        self.count += 1
+        if self.top is None or value > self.top[0]:
+            self.top = (value, item)
+
+    def sample(self) -> list[Any]:
+        if self.top is None or any(item is self.top[1] for item in self.items):
+            return list(self.items)
+        return [*self.items, self.top[1]]
+
+
+class Envelope:
+    """A time series of at most ``limit`` points: each kept point is the highest of a stretch of
+    ``width`` consecutive samples, ``width`` doubling when full (so a peak is never lost)."""
+
+    __slots__ = ("filled", "limit", "pending", "points", "width")
+
+    def __init__(self, limit: int) -> None:
+        self.points: list[tuple[float, float]] = []
+        self.limit = limit
+        self.width = 1
+        self.pending: tuple[float, float] | None = None  # the highest of the stretch being filled
+        self.filled = 0
+
+    def add(self, time: float, value: float) -> None:
+        if self.pending is None or value > self.pending[1]:
+            self.pending = (time, value)
+        self.filled += 1
+        if self.filled < self.width:
+            return
+        self.points.append(self.pending)
+        self.pending, self.filled = None, 0
+        if len(self.points) > self.limit:
+            pairs = zip(self.points[0::2], self.points[1::2], strict=False)
+            merged = [a if a[1] >= b[1] else b for a, b in pairs]
+            if len(self.points) % 2:
+                merged.append(self.points[-1])
+            self.points = merged
+            self.width *= 2
+
+    def series(self) -> list[tuple[float, float]]:
+        return self.points + ([self.pending] if self.pending is not None else [])
+
+
+class Segments:
+    """Executed tasks as merged segments per (engine, task name): what the timeline draws when
+    too many tasks ran to draw a bar each. Bars closer than ``gap``, or than a 4,000th of the
+    time so far (less than a pixel on any screen), merge; when there are more than ``limit``
+    segments the gap doubles (at least 1/limit of the span) and they merge again, so the count
+    stays bounded at O(1) amortized cost per bar."""
+
+    __slots__ = ("count", "first", "gap", "last", "limit", "rows")
+
+    def __init__(self, limit: int) -> None:
+        self.rows: dict[tuple[str, str], list[list[float]]] = {}
+        self.limit = limit
+        self.gap = 0.0
+        self.count = 0
+        self.first = float("inf")
+        self.last = float("-inf")
+
+    def add(self, engine: str, task: str, start: float, end: float) -> None:
+        self.first, self.last = min(self.first, start), max(self.last, end)
+        row = self.rows.setdefault((engine, task), [])
+        if row and start - row[-1][1] <= max(self.gap, (self.last - self.first) / 4000):
+            row[-1][0] = min(row[-1][0], start)
+            row[-1][1] = max(row[-1][1], end)
+        else:
+            row.append([start, end])
+            self.count += 1
+        span = self.last - self.first
+        while self.count > self.limit and self.gap < span:
+            self.gap = max(2 * self.gap, span / self.limit)
+            self._merge()
+
+    def _merge(self) -> None:
+        self.count = 0
+        for key, row in self.rows.items():
+            merged: list[list[float]] = []
+            for start, end in sorted(row):
+                if merged and start - merged[-1][1] <= self.gap:
+                    merged[-1][1] = max(merged[-1][1], end)
+                else:
+                    merged.append([start, end])
+            self.rows[key] = merged
+            self.count += len(merged)
+
+
 @dataclass(slots=True)
 class NodeRecord:
     """What the dashboard knows about one node of the run, from its events so far."""
@@ -240,9 +355,19 @@ class RunView:
         self.tasks: dict[str, TaskStats] = {}
         self.counts: dict[str, int] = dict.fromkeys(TASK_STATES, 0)
         self.bars: list[dict[str, Any]] = []  # one per executed attempt (DONE or FAILED)
+        # What the charts draw, kept bounded as events arrive (see MAX_BARS and friends).
+        self.running: dict[str, None] = {}  # ids of the running nodes, in the order they started
+        self.segments = Segments(MAX_SEGMENTS)
+        self.task_points: dict[str, EvenSample] = {}
+        self.engine_memory: dict[str, Envelope] = {}
+        self._charted = 0  # bars already in the structures above
+        self._rows: dict[str, str] = {}  # engine text -> its row label
         self.version = 0  # bumped by every event that changes what a panel shows
         self.structure_version = 0  # bumped when nodes or edges change (the layout's cache key)
         self._layout_cache: tuple[Any, ...] | None = None
+        self._depth: dict[str, int] = {}
+        self._missing: set[str] = set()  # dependencies named before they were added
+        self._depths_stale = False
         self._details_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     # -- feeding -----------------------------------------------------------------------------
@@ -250,8 +375,23 @@ class RunView:
     def update(self, events: Iterable[Event]) -> bool:
         """Fold events (in log order) into the view; True if anything a panel shows changed."""
         before = self.version
-        for event in events:
-            self._apply(event)
+        batch = events if isinstance(events, list) else list(events)
+        # A node that went queued -> running -> done within one batch shows only its last
+        # state: its earlier queued and running events are passed over (a running one still
+        # counts its attempt), which halves the work of a refresh in a run of short tasks.
+        last = {e.node: i for i, e in enumerate(batch) if e.kind != ADDED}
+        apply = self._apply
+        for i, event in enumerate(batch):
+            kind = event.kind
+            if kind in (QUEUED, RUNNING) and last[event.node] != i:
+                node = self.nodes.get(event.node)  # (a run-start replaces the dict)
+                if node is not None:
+                    if kind == RUNNING:
+                        node.attempts += 1
+                        node.running_at = event.started or event.time
+                        node.engine = event.engine or node.engine
+                    continue
+            apply(event)
         return self.version != before
 
     def _apply(self, event: Event) -> None:
@@ -315,7 +455,7 @@ class RunView:
                 stats.failures += 1
             stats.wall += node.duration or 0.0
             stats.peak = max(stats.peak, node.peak_memory or 0)
-            self.bars.append({
+            bar = {
                 "node": node.id,
                 "task": node.task,
                 "label": node.label,
@@ -324,7 +464,8 @@ class RunView:
                 "ended": node.ended,
                 "state": kind,
                 "peak_memory": node.peak_memory,
-            })
+            }
+            self.bars.append(bar)  # the charts' structures take it in when they are drawn
         elif kind == CACHED:
             node.duration = event.duration
             node.size = event.size
@@ -349,6 +490,18 @@ class RunView:
             deps=tuple(event.deps),
         )
         self.nodes[node.id] = node
+        # Depths as nodes arrive (the scheduler adds them in dependency order): a dependency
+        # that is not known yet, or a node that earlier ones named as one, means a recompute.
+        depth = 0
+        for dep in node.deps:
+            known = self._depth.get(dep)
+            if known is None:
+                self._missing.add(dep)
+            elif known >= depth:
+                depth = known + 1
+        self._depth[node.id] = depth
+        if node.id in self._missing:
+            self._depths_stale = True
         self.counts[ADDED] += 1
         self.tasks[name].counts[ADDED] += 1
         self.version += 1
@@ -356,12 +509,44 @@ class RunView:
         return node
 
     def _set_state(self, node: NodeRecord, state: str) -> None:
+        if node.state == RUNNING:
+            self.running.pop(node.id, None)
+        if state == RUNNING:
+            self.running[node.id] = None
         counts = self.tasks[node.task].counts
         self.counts[node.state] -= 1
         counts[node.state] -= 1
         node.state = state
         self.counts[state] += 1
         counts[state] += 1
+
+    def fold_bars(self) -> None:
+        """Bring the charts' bounded structures (timeline segments, memory samples) up to date
+        with the executed attempts: once per chart refresh, for the attempts new since the last."""
+        bars = self.bars
+        if self._charted == len(bars):
+            return
+        rows, segments = self._rows, self.segments
+        task_points, engine_memory = self.task_points, self.engine_memory
+        for bar in itertools.islice(bars, self._charted, None):
+            engine = bar["engine"]
+            row = rows.get(engine)
+            if row is None:
+                row = rows[engine] = engine_short(engine)
+            segments.add(row, bar["task"], bar["started"], bar["ended"])
+            peak = bar["peak_memory"]
+            if peak is not None:
+                points = task_points.get(bar["task"])
+                if points is None:
+                    points = task_points[bar["task"]] = EvenSample(TASK_POINTS)
+                points.add(bar, peak)
+                # The peak is the engine process's resident memory while the task ran: one
+                # sample of that engine's memory over time.
+                envelope = engine_memory.get(row)
+                if envelope is None:
+                    envelope = engine_memory[row] = Envelope(ENGINE_POINTS)
+                envelope.add(bar["ended"], peak)
+        self._charted = len(bars)
 
     # -- derived facts -----------------------------------------------------------------------
 
@@ -372,6 +557,8 @@ class RunView:
 
     def depths(self) -> dict[str, int]:
         """Dependency depth per node: 0 without (known) deps, else one more than its deepest dep."""
+        if not self._depths_stale:
+            return self._depth
         depth: dict[str, int] = {}
         nodes = self.nodes
         for start in nodes:
@@ -394,6 +581,8 @@ class RunView:
                 # A dep already on the path would be a cycle; the graph module rejects those, so
                 # here it is just not followed (its depth counts as unknown).
                 stack.extend((d, False) for d in deps if d not in depth and d not in on_path)
+        self._depth, self._depths_stale = depth, False
+        self._missing = {d for d in self._missing if d not in nodes}
         return depth
 
 
@@ -814,67 +1003,101 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
     """One rectangle per executed task attempt, one row per engine.
 
     ``bars``: ``node, task, label, engine (row label), host (the full engine text), start, end,
-    duration, state, color`` with times in seconds since the run started. ``running``: the same for
-    tasks still running, ending at ``now`` (default: the last event's time).
+    duration, state, color`` with times in seconds since the run started; ``count`` executed
+    attempts in all. Past ``MAX_BARS`` attempts, ``bars`` is empty and ``segments`` (``task,
+    engine, start, end, color``; at most ``MAX_SEGMENTS``) hold the same time, merged per engine
+    and task name. ``running``: the tasks still running, ending at ``now`` (default: the last
+    event's time).
     """
     view = run_view(source)
+    view.fold_bars()
     t0 = view.t0 or 0.0
+    count = len(view.bars)
     bars: list[dict[str, Any]] = []
-    for bar in view.bars:
-        bars.append({
-            "node": bar["node"],
-            "task": bar["task"],
-            "label": bar["label"],
-            "engine": engine_short(bar["engine"]),
-            "host": bar["engine"],
-            "start": bar["started"] - t0,
-            "end": bar["ended"] - t0,
-            "duration": bar["ended"] - bar["started"],
-            "state": bar["state"],
-            "color": view.tasks[bar["task"]].color,
-        })
+    segments: list[dict[str, Any]] = []
+    if count <= MAX_BARS:
+        for bar in view.bars:
+            bars.append({
+                "node": bar["node"],
+                "task": bar["task"],
+                "label": bar["label"],
+                "engine": engine_short(bar["engine"]),
+                "host": bar["engine"],
+                "start": bar["started"] - t0,
+                "end": bar["ended"] - t0,
+                "duration": bar["ended"] - bar["started"],
+                "state": bar["state"],
+                "color": view.tasks[bar["task"]].color,
+            })
+    else:
+        for (engine, task), spans in view.segments.rows.items():
+            color = view.tasks[task].color
+            segments.extend({"task": task, "engine": engine, "start": a - t0, "end": b - t0,
+                             "color": color} for a, b in spans)
     end = now if now is not None else (view.last_time or t0)
     running: list[dict[str, Any]] = []
-    if view.counts[RUNNING]:
-        for node in view.nodes.values():
-            # A bar needs its row: the engine, once the scheduler knows where the task runs.
-            if node.state == RUNNING and node.running_at is not None and node.engine:
-                running.append({
-                    "node": node.id,
-                    "task": node.task,
-                    "label": node.label,
-                    "engine": engine_short(node.engine),
-                    "host": node.engine,
-                    "start": node.running_at - t0,
-                    "end": max(end, node.running_at) - t0,
-                    "duration": max(end, node.running_at) - node.running_at,
-                    "state": RUNNING,
-                    "color": view.tasks[node.task].color,
-                })
-    engines = sorted({b["engine"] for b in bars} | {b["engine"] for b in running}, key=_natural_key)
-    return {"t0": t0, "engines": engines, "bars": bars, "running": running}
+    per_row: dict[str, int] = {}
+    for node_id in view.running:
+        node = view.nodes[node_id]
+        # A bar needs its row: the engine, once the scheduler knows where the task runs. An
+        # engine that took many tasks at once (the kernel's own executor, before a group
+        # commit) shows its first few: the rest would only stack on the same row.
+        if node.running_at is not None and node.engine:
+            row = engine_short(node.engine)
+            per_row[row] = per_row.get(row, 0) + 1
+            if per_row[row] > RUNNING_PER_ROW:
+                continue
+            running.append({
+                "node": node.id,
+                "task": node.task,
+                "label": node.label,
+                "engine": row,
+                "host": node.engine,
+                "start": node.running_at - t0,
+                "end": max(end, node.running_at) - t0,
+                "duration": max(end, node.running_at) - node.running_at,
+                "state": RUNNING,
+                "color": view.tasks[node.task].color,
+            })
+    engines = {engine for engine, _ in view.segments.rows} | {b["engine"] for b in running}
+    return {"t0": t0, "engines": sorted(engines, key=_natural_key), "count": count,
+            "bars": bars, "segments": segments, "running": running}
 
 
 def memory(source: RunView | Iterable[Event]) -> dict[str, Any]:
-    """Peak memory per executed task (``points``: ``node, task, label, engine, end, peak_memory,
-    color``; ``end`` in seconds since the run started), and the engines' ``limit`` if known."""
+    """Peak memory per executed task, and each engine's memory over time.
+
+    ``points``: ``node, task, label, engine, end, peak_memory, color`` (``end`` in seconds since
+    the run started), at most ``TASK_POINTS`` per task name (an even sample that keeps the
+    highest); ``count``: the tasks with a known peak. ``engines``: per engine (row label, in
+    natural order) ``{"engine", "t", "memory"}``, the peak resident memory of the engine
+    process at the end of each task it ran (at most ``ENGINE_POINTS``, each the highest of its
+    stretch of time). ``limit``: the engines' memory limit in bytes, if known.
+    """
     view = run_view(source)
+    view.fold_bars()
     t0 = view.t0 or 0.0
-    points = [
-        {
-            "node": bar["node"],
-            "task": bar["task"],
-            "label": bar["label"],
-            "engine": engine_short(bar["engine"]),
-            "end": bar["ended"] - t0,
-            "peak_memory": bar["peak_memory"],
-            "color": view.tasks[bar["task"]].color,
-        }
-        for bar in view.bars
-        if bar["peak_memory"] is not None
-    ]
+    points = []
+    for name, sample in view.task_points.items():
+        color = view.tasks[name].color
+        for bar in sample.sample():
+            points.append({
+                "node": bar["node"],
+                "task": bar["task"],
+                "label": bar["label"],
+                "engine": engine_short(bar["engine"]),
+                "end": bar["ended"] - t0,
+                "peak_memory": bar["peak_memory"],
+                "color": color,
+            })
+    engines = []
+    for engine in sorted(view.engine_memory, key=_natural_key):
+        series = view.engine_memory[engine].series()
+        engines.append({"engine": engine, "t": [t - t0 for t, _ in series],
+                        "memory": [m for _, m in series]})
     limit = view.info.get("memory_limit")
-    return {"points": points, "limit": limit if isinstance(limit, int | float) else None}
+    return {"points": points, "count": sum(s.count for s in view.task_points.values()),
+            "engines": engines, "limit": limit if isinstance(limit, int | float) else None}
 
 
 def cache_stats(source: RunView | Iterable[Event]) -> dict[str, Any]:

@@ -63,7 +63,12 @@ def test_charts_hold_one_bar_per_executed_task(finished):
     assert [t.name for t in timeline] == ["features", "fit", "evaluate", "summary", "running"]
     assert {y for t in timeline for y in t.y} == {0, 1}  # engine rows
     assert list(charts.layout.yaxis.ticktext) == ["engine 0", "engine 1"]
-    assert sum(len(t.x) for t in charts.data if t.xaxis == "x2") == 50  # memory points
+    memory = [t for t in charts.data if t.xaxis == "x2"]
+    assert sum(len(t.x) for t in memory if t.mode == "markers") == 50  # a peak per task
+    lines = [t for t in memory if t.mode == "lines"]  # a line per engine, through its peaks
+    assert [t.name for t in lines] == ["engine 0", "engine 1"]
+    assert sum(len(t.x) for t in lines) == 50
+    assert all(list(t.x) == sorted(t.x) for t in lines)
     cache = {t.name: t for t in charts.data if t.xaxis == "x3"}
     assert sum(cache["cache hits"].y) == 7 and sum(cache["ran"].y) == 49
     assert sum(cache["failed"].y) == 1
@@ -179,6 +184,8 @@ def test_report_is_standalone(tmp_path):
     states = re.findall(r'<g class="nbi-node" data-id="\w+" data-state="(\w+)"', text)
     assert {s: states.count(s) for s in set(states)} == EXPECTED
     assert 'id="nbi-charts"' in text
+    # Memory per engine over time: a line per engine in the memory chart.
+    assert re.findall(r'"mode":"lines","name":"(engine \d+)"', text) == ["engine 0", "engine 1"]
     assert "Traceback (most recent call last)" in text  # in the node details
     assert "sales-forecast" in text
 

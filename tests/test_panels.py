@@ -320,6 +320,47 @@ def test_memory_points_and_limit():
     assert panels.memory([])["limit"] is None
 
 
+def test_memory_per_engine_over_time():
+    events = [Event(RUN_START, time=T0, info={"memory_limit": 8 * 2**30})]
+    for i, (engine, end, rss) in enumerate([("engine 1 (h:2)", 1.0, 300), ("engine 0 (h:1)", 2.0, 100),
+                                            ("engine 1 (h:2)", 3.0, 500), ("engine 0 (h:1)", 4.0, 200),
+                                            ("engine 10 (h:3)", 4.5, 50)]):
+        events += [added(f"n{i}", "fit"), *ran(f"n{i}", "fit", end - 0.5, end, engine=engine,
+                                                memory=rss * 2**20)]
+    m = panels.memory(events)
+    assert [e["engine"] for e in m["engines"]] == ["engine 0", "engine 1", "engine 10"]
+    by_engine = {e["engine"]: e for e in m["engines"]}
+    assert by_engine["engine 1"]["t"] == [pytest.approx(1.0), pytest.approx(3.0)]
+    assert by_engine["engine 1"]["memory"] == [300 * 2**20, 500 * 2**20]
+    assert by_engine["engine 0"]["memory"] == [100 * 2**20, 200 * 2**20]
+    assert m["limit"] == 8 * 2**30 and m["count"] == 5
+    json.dumps(m)
+    # A failed task has no peak (it did not finish): no point, no engine sample.
+    assert panels.memory(small_run())["count"] == 2
+
+
+def test_chart_data_stays_bounded_and_keeps_the_peaks():
+    envelope = panels.Envelope(limit=10)
+    for i in range(1000):
+        envelope.add(float(i), 5000.0 if i == 777 else float(i % 7))
+    series = envelope.series()
+    assert len(series) <= 11 and (777.0, 5000.0) in series
+    assert [t for t, _ in series] == sorted(t for t, _ in series)
+    sample = panels.EvenSample(limit=10)
+    for i in range(1000):
+        sample.add(i, -abs(i - 333))
+    kept = sample.sample()
+    assert len(kept) <= 11 and 333 in kept and kept[0] == 0
+    segments = panels.Segments(limit=50)
+    for i in range(10_000):  # two task names taking turns on four engines
+        segments.add(f"engine {i % 4}", ("a", "b")[i // 4 % 2], i * 0.01, i * 0.01 + 0.008)
+    assert segments.count <= 50
+    assert sum(len(r) for r in segments.rows.values()) == segments.count
+    starts = [r[0][0] for r in segments.rows.values()]
+    ends = [r[-1][1] for r in segments.rows.values()]
+    assert min(starts) == 0 and max(ends) == pytest.approx(99.998)
+
+
 def test_cache_stats_hits_runs_and_time_saved():
     c = panels.cache_stats(small_run())
     by_name = {t["name"]: t for t in c["tasks"]}
@@ -345,6 +386,12 @@ def test_ten_thousand_tasks_stay_cheap():
     assert len(g["nodes"]) == 3  # load and two groups
     assert all(n["members"] is None for n in g["nodes"] if n["group"])  # 5,000 each: too many
     assert elapsed < 3.0, elapsed
+    # What the charts carry is bounded, whatever the size of the run.
+    t, m = panels.timeline(view), panels.memory(view)
+    assert t["count"] == 10_000 and t["bars"] == [] and len(t["segments"]) <= panels.MAX_SEGMENTS
+    assert len(m["points"]) <= 2 * (panels.TASK_POINTS + 1) and m["count"] == 10_000
+    assert all(len(e["t"]) <= panels.ENGINE_POINTS + 1 for e in m["engines"])
+    assert len(m["engines"]) == 16
     # A refresh after the run has been read is cheaper still: the layout is cached.
     began = time.perf_counter()
     panels.graph(view)

@@ -23,6 +23,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 TIMELINE_BARS = """([dash, n]) => [...dash.querySelectorAll('.js-plotly-plot')].some(gd => gd.data
   && gd.data.filter(t => t.type === 'bar' && t.xaxis === 'x' && t.name !== 'running')
             .reduce((sum, t) => sum + t.x.length, 0) === n)"""
+ENGINE_LINES = """([dash, names]) => [...dash.querySelectorAll('.js-plotly-plot')].some(gd => gd.data
+  && JSON.stringify(gd.data.filter(t => t.xaxis === 'x2' && t.mode === 'lines').map(t => t.name))
+     === JSON.stringify(names))"""
 CHART_TITLES = """(dash) => [...dash.querySelectorAll('.js-plotly-plot')].flatMap(
   gd => (gd.layout.annotations || []).map(a => a.name))"""
 
@@ -79,6 +82,11 @@ def check_dashboard(page: Any, dash: Any, expect: dict[str, Any]) -> None:
                            "return ['timeline', 'memory', 'cache'].every(n => t.includes(n)); }",
                            arg=dash.element_handle(), timeout=90_000)
     assert dash.locator(".js-plotly-plot .main-svg .barlayer .point").count() >= expect["bars"]
+    # Memory over time: a line per engine that ran a task (data, then the drawn SVG paths).
+    page.wait_for_function(ENGINE_LINES, arg=[dash.element_handle(), expect["engines"]],
+                           timeout=30_000)
+    lines = dash.locator(".js-plotly-plot .subplot.x2y2 .scatterlayer path.js-line")
+    assert lines.count() == len(expect["engines"])
 
 
 def test_dashboard_in_jupyterlab(lab, page):
