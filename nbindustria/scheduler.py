@@ -55,7 +55,7 @@ from .events import (
     Event,
     EventLog,
 )
-from .graph import Graph
+from .graph import Graph, is_walked_container
 from .hashing import CodeHasher, summarize
 from .keys import (
     CallEncoding,
@@ -584,8 +584,12 @@ class Run:
                     return inputs[id(origin)]
             return value
 
-        args = tuple(_replace_handles(a, to_input) for a in handle.args)
-        kwargs = {k: _replace_handles(v, to_input) for k, v in handle.kwargs.items()}
+        if inputs or any(map(is_walked_container, handle.args)) or any(
+                map(is_walked_container, handle.kwargs.values())):
+            args = tuple(_replace_handles(a, to_input) for a in handle.args)
+            kwargs = {k: _replace_handles(v, to_input) for k, v in handle.kwargs.items()}
+        else:  # scalars only, no inputs: nothing to replace or copy
+            args, kwargs = tuple(handle.args), dict(handle.kwargs)
         code_digest, _ = self._code_of(handle.task)
         encoding = self._encoding_of(handle)
         meta = {
@@ -602,7 +606,7 @@ class Run:
                    func=handle.task.func, args=args, kwargs=kwargs, meta=meta,
                    tmp_dir=self._tmp_dir, memcheck=self.memcheck,
                    profile=self.profile_dir is not None,
-                   attempt=self._attempts[handle.node_id])
+                   attempt=self._attempts[handle.node_id], has_inputs=bool(inputs))
 
     def _handle(self, outcome: Outcome) -> None:
         self.executor.finished(outcome)
@@ -757,9 +761,9 @@ class Run:
                 result_digest=staged.result_digest, header_digest="", created=time.time(),
                 duration=outcome.duration, cpu=outcome.cpu, peak_memory=outcome.peak_memory,
                 engine=outcome.engine, host=outcome.host, hits=0, code_digest=code_digest,
-                args=json.dumps(meta.get("args", {})),
-                arg_digests=json.dumps(meta.get("arg_digests", {})),
-                upstream=json.dumps(meta.get("upstream", {}))))
+                args=_flat_json(meta.get("args", {})),
+                arg_digests=_flat_json(meta.get("arg_digests", {})),
+                upstream=_flat_json(meta.get("upstream", {}))))
         self.store.commit([s for s, _, _ in batch], rows)
         ready: list[str] = []
         done: list[Event] = []
@@ -870,6 +874,17 @@ def _replace_handles(value: Any, replace: Callable[[Any], Any]) -> Any:
     if isinstance(value, tuple) and type(value) is not tuple:
         return type(value)._make(items)  # type: ignore[attr-defined]
     return type(value)(items)
+
+
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def _flat_json(mapping: dict[str, Any]) -> str:
+    """``json.dumps`` of a dict of strings, without setting up an encoder per call (three per
+    result committed)."""
+    if all(type(k) is str and type(v) is str for k, v in mapping.items()):
+        return "{" + ", ".join(f"{_json_str(k)}: {_json_str(v)}" for k, v in mapping.items()) + "}"
+    return json.dumps(mapping)
 
 
 def _param_summaries(handle: Handle[Any]) -> dict[str, str]:

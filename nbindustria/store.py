@@ -50,6 +50,7 @@ import hashlib
 import hmac
 import json
 import mmap
+import operator
 import os
 import secrets
 import sqlite3
@@ -607,6 +608,7 @@ class IndexRow(Presence):
 
 
 _COLUMNS = [f for f in IndexRow.__dataclass_fields__]
+_row_values = operator.attrgetter(*_COLUMNS)
 
 
 class Index:
@@ -682,7 +684,7 @@ class Index:
         with self.transaction() as conn:
             conn.executemany(
                 f"INSERT OR REPLACE INTO entries ({','.join(_COLUMNS)}) VALUES ({placeholders})",
-                [tuple(getattr(r, c) for c in _COLUMNS) for r in rows])
+                map(_row_values, rows))
             conn.executemany("INSERT OR IGNORE INTO segments (name) VALUES (?)",
                              [(name,) for name in segments])
 
@@ -1384,6 +1386,10 @@ class Store:
             self._recover_segments()
             found.update(self.index.present(missing))
             missing = [key for key in missing if key not in found]
+        if len(missing) > 256:  # listing the shards is cheaper than a stat per key
+            files = {name[:-4] for shard in self.entries_dir.glob("??")
+                     for name in os.listdir(shard) if name.endswith(".nbi")}
+            missing = [key for key in missing if key in files]
         for key in missing:
             if os.path.exists(self.entry_file(key)):
                 recovered = self._reindex_one(key)

@@ -50,6 +50,7 @@ class Job:
     fsync: bool = False  # engines on other hosts flush their own writes
     profile: bool = False  # run under cProfile; the stats travel back in outcome.extra
     attempt: int = 1
+    has_inputs: bool = True  # False: no upstream result in the arguments (nothing to load)
 
 
 @dataclass
@@ -188,8 +189,8 @@ def execute(job: Job, loader: Loader = engine_loader, engine: str = "kernel",
             raise _InputUnusable(item.key, str(exc) or "missing") from None
 
     try:
-        args = substitute(job.args, load)
-        kwargs = substitute(job.kwargs, load)
+        args = substitute(job.args, load) if job.has_inputs else job.args
+        kwargs = substitute(job.kwargs, load) if job.has_inputs else job.kwargs
     except _InputUnusable as bad:
         out.bad_input = (bad.key, bad.reason)
         out.error_type = "InputUnusable"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import os
 import threading
 from pathlib import Path
@@ -572,3 +573,10 @@ def test_reasons_of_many_calls_to_run(pipe: Pipeline) -> None:
                for h in again[:30]), {h.reason for h in again[:30]}
     assert [h.reason for h in again[30:]] == ["never run with these arguments"] * 20
     assert [h.result() for h in again[:3]] == [2, 3, 4]
+
+
+def test_index_rows_hold_the_same_json_as_json_dumps() -> None:
+    from nbindustria.scheduler import _flat_json
+
+    for mapping in ({}, {"a": "b"}, {"x": 'é"\\\n', "y": "1"}, {"n": 1, "f": [1.5]}):
+        assert _flat_json(mapping) == json.dumps(mapping)
