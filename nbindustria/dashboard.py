@@ -109,6 +109,21 @@ def _title(text: str, x: float, y: float, name: str) -> dict[str, Any]:
             "font": {"size": 13}}
 
 
+def _activity(timeline: dict[str, Any]) -> tuple[float, float] | None:
+    """(first start, last end) of the executed and running tasks, None if none."""
+    spans = timeline["bars"] or timeline["segments"]
+    items = [*spans, *timeline["running"]]
+    if not items:
+        return None
+    return min(b["start"] for b in items), max(b["end"] for b in items)
+
+
+def _note(text: str, x: float, y: float, name: str) -> dict[str, Any]:
+    return {"name": name, "text": text, "x": x, "y": y, "xref": "paper", "yref": "paper",
+            "xanchor": "center", "yanchor": "middle", "showarrow": False,
+            "font": {"size": 12}, "opacity": 0.75}
+
+
 def _timeline_traces(data: dict[str, Any]) -> list[dict[str, Any]]:
     """A trace per task name, and one for what is running (empty or not: a stable set of traces
     is updated in place, a changing one is rebuilt). Engines are rows 0, 1, ... of the y axis."""
@@ -275,10 +290,20 @@ def charts_figure(
     total = cache["total"]
     traces = _timeline_traces(timeline) + _memory_traces(memory, scale) + _cache_traces(cache)
     title_pad = 14 / plot_h
+    # When the tasks began late (engines starting, a long graph walk), the time axes show the
+    # stretch where tasks ran rather than a blank start; the title says where it begins.
+    window = _activity(timeline)
+    late = window is not None and window[0] > 0.25 * window[1]
+    x_range = None
+    if window is not None and late:
+        pad = 0.03 * (window[1] - window[0]) or 0.05
+        x_range = [max(0.0, window[0] - pad), window[1] + pad]
     annotations = [
-        _title(f"<b>Timeline</b> · {n_bars} task{'s' if n_bars != 1 else ''} ran on "
-               f"{len(engines)} engine{'s' if len(engines) != 1 else ''}", 0, 1 + title_pad,
-               "timeline"),
+        _title((f"<b>Timeline</b> · {n_bars} task{'s' if n_bars != 1 else ''} ran on "
+                f"{len(engines)} engine{'s' if len(engines) != 1 else ''}" if engines
+                else "<b>Timeline</b> · no task ran")
+               + (f" · the first began at +{window[0]:.1f} s" if window and late else ""),
+               0, 1 + title_pad, "timeline"),
         _title("<b>Memory</b> · engines over time, dots: peak per task" + (
             f" · engine limit {panels.format_bytes(limit)}" if limit and not limit_shown else ""),
             0, bottom_top + title_pad, "memory"),
@@ -286,6 +311,27 @@ def charts_figure(
                f"{panels.format_duration(total['saved'])} saved", 0.56, bottom_top + title_pad,
                "cache"),
     ]
+    if window is None:  # say why a chart is empty rather than draw bare axes
+        hits = cache["total"]["hits"]
+        empty = ("No task ran: every result came from the cache." if hits
+                 else "No task has run yet.")
+        annotations.append(_note(empty, TIMELINE_RIGHT / 2, (top_bottom + 1) / 2, "empty"))
+    if not memory["points"]:
+        if window is not None:
+            why = "No memory samples."  # the tasks ran without measuring it
+        elif cache["total"]["hits"]:
+            why = "No memory samples: no task ran."
+        else:
+            why = "No memory samples yet."
+        annotations.append(_note(why, 0.22, bottom_top / 2, "memory-empty"))
+    if len(memory["engines"]) <= 6:  # name each engine's line at its end
+        for series in memory["engines"]:
+            if series["t"]:
+                annotations.append({
+                    "name": f"engine-label:{series['engine']}", "text": series["engine"],
+                    "x": series["t"][-1], "y": series["memory"][-1] / scale, "xref": "x2",
+                    "yref": "y2", "xanchor": "left", "yanchor": "middle", "xshift": 6,
+                    "showarrow": False, "font": {"size": 10}, "opacity": 0.8})
     shapes: list[dict[str, Any]] = []
     if limit_shown:
         level = limit / scale
@@ -316,13 +362,19 @@ def charts_figure(
         "legend2": {"orientation": "h", "x": 1, "xanchor": "right", "y": -0.09,
                     "yanchor": "top", "bgcolor": "rgba(0,0,0,0)", "font": {"size": 11}},
         "xaxis": _axis(domain=[0, TIMELINE_RIGHT], anchor="y", rangemode="tozero",
+                       range=x_range, autorange=x_range is None, visible=window is not None,
                        title={"text": "seconds since the run started", "standoff": 4}),
         "yaxis": _axis(domain=[top_bottom, 1], anchor="x", type="linear",
                        tickvals=list(range(len(engines))), ticktext=engines, zeroline=False,
                        range=[max(len(engines), 1) - 0.5, -0.5], showgrid=False),
         "xaxis2": _axis(domain=[0, 0.44], anchor="y2", rangemode="tozero",
+                        range=x_range, autorange=x_range is None,
+                        visible=bool(memory["points"]),
                         title={"text": "finished at (s)", "standoff": 4}),
-        "yaxis2": _axis(domain=[0, bottom_top], anchor="x2", rangemode="tozero",
+        # From zero when the limit is drawn; else fitted to the data, so that an engine's
+        # memory growing over the run shows.
+        "yaxis2": _axis(domain=[0, bottom_top], anchor="x2", visible=bool(memory["points"]),
+                        rangemode="tozero" if limit_shown else "normal",
                         range=[0, 1.08 * peak / scale] if limit_shown else None,
                         autorange=not limit_shown, title={"text": f"peak ({unit})", "standoff": 4}),
         "xaxis3": _axis(domain=[0.56, 1], anchor="y3", type="category"),

@@ -135,11 +135,14 @@ def _run_color(name: str, taken: set[str]) -> str:
 
 
 def format_duration(seconds: float | None) -> str:
-    """``0.42 s``, ``12.3 s``, ``4 min 05 s``, ``2 h 07 min``; an em dash when unknown."""
+    """``42 µs``, ``4.2 ms``, ``0.42 s``, ``12.3 s``, ``4 min 05 s``, ``2 h 07 min``; an em
+    dash when unknown."""
     if seconds is None:
         return "—"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs" if seconds > 0 else "0 s"
     if seconds < 0.01:
-        return f"{seconds * 1000:.1f} ms" if seconds > 0 else "0 s"
+        return f"{seconds * 1000:.1f} ms"
     if seconds < 10:
         return f"{seconds:.2f} s"
     if seconds < 60:
@@ -356,6 +359,7 @@ class RunView:
         self.counts: dict[str, int] = dict.fromkeys(TASK_STATES, 0)
         self.bars: list[dict[str, Any]] = []  # one per executed attempt (DONE or FAILED)
         # What the charts draw, kept bounded as events arrive (see MAX_BARS and friends).
+        self.engines_seen: set[str] = set()  # engines that ran or run a task of this run
         self.running: dict[str, None] = {}  # ids of the running nodes, in the order they started
         self.segments = Segments(MAX_SEGMENTS)
         self.task_points: dict[str, EvenSample] = {}
@@ -389,7 +393,9 @@ class RunView:
                     if kind == RUNNING:
                         node.attempts += 1
                         node.running_at = event.started or event.time
-                        node.engine = event.engine or node.engine
+                        if event.engine:
+                            node.engine = event.engine
+                            self.engines_seen.add(event.engine)
                     continue
             apply(event)
         return self.version != before
@@ -429,6 +435,8 @@ class RunView:
             node.key = event.key
         if event.engine:
             node.engine = event.engine
+            if kind != CACHED:  # a hit's engine made it in an earlier run
+                self.engines_seen.add(event.engine)
         stats = self.tasks[node.task]
         if kind == QUEUED:
             node.queued_at = event.time
@@ -632,6 +640,20 @@ def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[
         elapsed = float(wall)
     info = view.info
     n_engines = info.get("n_engines")
+    # Busy engines, not running tasks: an engine may hold several (the kernel's own executor
+    # holds a whole group until it commits); a task not placed yet counts as one.
+    busy_engines: set[str] = set()
+    unplaced = 0
+    for node_id in view.running:
+        engine = view.nodes[node_id].engine
+        if engine:
+            busy_engines.add(engine)
+        else:
+            unplaced += 1
+    seen = len(view.engines_seen)
+    if not (isinstance(n_engines, int) and n_engines > 0):
+        # Engines started on demand are not known when the run starts: count those seen.
+        n_engines = seen or None
     tasks = [
         {
             "name": stats.name,
@@ -646,9 +668,9 @@ def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[
         "pipeline": str(info.get("pipeline", "") or "pipeline"),
         "run": info.get("run"),
         "engines": str(info.get("engines", "") or ""),
-        "n_engines": n_engines if isinstance(n_engines, int) else None,
+        "n_engines": max(n_engines, seen) if isinstance(n_engines, int) else None,
         "dryrun": bool(info.get("dryrun")),
-        "busy": view.counts[RUNNING],
+        "busy": len(busy_engines) + unplaced,
         "status": status,
         "started": t0,
         "ended": view.ended,

@@ -78,6 +78,33 @@ def test_charts_hold_one_bar_per_executed_task(finished):
     assert charts.layout.shapes[0].y0 == pytest.approx(4.0)  # the 4 GiB engine limit
 
 
+def test_charts_crop_a_late_start_and_say_why_they_are_empty():
+    from nbindustria.dashboard import charts_figure
+
+    def bar(start, end):
+        return {"node": "n", "task": "t", "label": "t()", "engine": "engine 0", "host": "",
+                "start": start, "end": end, "duration": end - start, "state": "done",
+                "color": "#4e79a7"}
+
+    memory = {"points": [], "engines": [], "limit": None, "count": 0}
+    cache = {"tasks": [], "total": {"hits": 0, "runs": 0, "failed": 0, "saved": 0.0}}
+    late = {"engines": ["engine 0"], "count": 2, "bars": [bar(9.0, 9.5), bar(9.5, 10.0)],
+            "segments": [], "running": []}
+    _, layout = charts_figure(late, memory, cache)
+    assert layout["xaxis"]["range"][0] == pytest.approx(8.97) and not layout["xaxis"]["autorange"]
+    assert layout["xaxis2"]["range"] == layout["xaxis"]["range"]  # memory shares the window
+    titles = {a["name"]: a["text"] for a in layout["annotations"]}
+    assert "the first began at +9.0 s" in titles["timeline"]
+    assert titles["memory-empty"] == "No memory samples."
+    early = dict(late, bars=[bar(0.5, 9.5)])
+    assert charts_figure(early, memory, cache)[1]["xaxis"]["range"] is None
+    none = dict(late, count=0, bars=[])
+    hits = {"tasks": [], "total": {"hits": 3, "runs": 0, "failed": 0, "saved": 1.0}}
+    titles = {a["name"]: a["text"] for a in charts_figure(none, memory, hits)[1]["annotations"]}
+    assert titles["empty"] == "No task ran: every result came from the cache."
+    assert titles["memory-empty"] == "No memory samples: no task ran."
+
+
 def test_only_changed_traces_are_sent(finished):
     sync = finished._sync_charts
     sent = []

@@ -98,7 +98,7 @@ def test_task_color_is_the_same_in_another_process():
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
-    (None, "—"), (0, "0 s"), (0.0042, "4.2 ms"), (1.234, "1.23 s"), (12.34, "12.3 s"),
+    (None, "—"), (0, "0 s"), (0.000042, "42 µs"), (0.0042, "4.2 ms"), (1.234, "1.23 s"), (12.34, "12.3 s"),
     (245, "4 min 05 s"), (7620, "2 h 07 min"),
 ])
 def test_format_duration(seconds, text):
@@ -148,6 +148,16 @@ def test_header_while_running_and_before():
     assert h["busy"] == 1 and h["counts"][RUNNING] == 1 and h["counts"][ADDED] == 2
     assert h["elapsed"] == pytest.approx(10)
     assert h["progress"] == pytest.approx(0.25)
+    # Engines started on demand are unknown at the start: the header counts those seen, and
+    # busy counts engines, not tasks (an engine may hold several).
+    on_demand = [Event(RUN_START, time=T0, info={"n_engines": 0}), added("a", "t"), added("b", "t"),
+                 added("c", "t"),
+                 Event(RUNNING, node="a", task="t", time=T0, engine="engine 0 (h:1)"),
+                 Event(RUNNING, node="b", task="t", time=T0, engine="engine 0 (h:1)"),
+                 Event(RUNNING, node="c", task="t", time=T0, engine="engine 1 (h:2)")]
+    h = panels.header(on_demand)
+    assert (h["n_engines"], h["busy"]) == (2, 2)
+    assert panels.header(on_demand[:-1])["n_engines"] == 1
     end = Event(RUN_END, time=T0 + 3, info={"interrupted": True})
     assert panels.header([*events, end])["status"] == "interrupted"
 
