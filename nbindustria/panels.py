@@ -269,8 +269,13 @@ class Segments:
         self.last = float("-inf")
 
     def add(self, engine: str, task: str, start: float, end: float) -> None:
-        self.first, self.last = min(self.first, start), max(self.last, end)
-        row = self.rows.setdefault((engine, task), [])
+        if start < self.first:
+            self.first = start
+        if end > self.last:
+            self.last = end
+        row = self.rows.get((engine, task))
+        if row is None:
+            row = self.rows[engine, task] = []
         if row and start - row[-1][1] <= max(self.gap, (self.last - self.first) / 4000):
             row[-1][0] = min(row[-1][0], start)
             row[-1][1] = max(row[-1][1], end)
@@ -387,6 +392,15 @@ class RunView:
         apply = self._apply
         for i, event in enumerate(batch):
             kind = event.kind
+            if kind == ADDED and event.node:  # the bulk of a run's start: the short way
+                t = event.time
+                if self.first_time is None or t < self.first_time:
+                    self.first_time = t
+                if self.last_time is None or t > self.last_time:
+                    self.last_time = t
+                if event.node not in self.nodes:  # a re-added node keeps its state
+                    self._add_node(event)
+                continue
             if kind in (QUEUED, RUNNING) and last[event.node] != i:
                 node = self.nodes.get(event.node)  # (a run-start replaces the dict)
                 if node is not None:
@@ -490,13 +504,8 @@ class RunView:
             taken = {stats.color for stats in self.tasks.values()}
             self.tasks[name] = TaskStats(name=name, rank=len(self.tasks),
                                          color=_run_color(name, taken))
-        node = NodeRecord(
-            id=event.node,
-            task=name,
-            label=event.label or name,
-            seq=len(self.nodes),
-            deps=tuple(event.deps),
-        )
+        node = NodeRecord(event.node, name, event.label or name, len(self.nodes),
+                          tuple(event.deps))
         self.nodes[node.id] = node
         # Depths as nodes arrive (the scheduler adds them in dependency order): a dependency
         # that is not known yet, or a node that earlier ones named as one, means a recompute.
@@ -774,14 +783,18 @@ def _structure(
         name = group_of.get(node_id)
         return node_id if name is None else GROUP_PREFIX + name
 
-    deps: dict[str, list[str]] = {}
+    nodes = view.nodes
+    # Deps only for the nodes the front end gets (a group too large to send has none): a run
+    # of 10,000 tasks would otherwise make 10,000 lists at every change of its structure.
+    sent = [*visible, *(n for name in expandable for n in members[name])]
+    deps = {n.id: list(dict.fromkeys(resolve(d) for d in n.deps if d in nodes)) for n in sent}
     edges: dict[tuple[str, str], None] = {}  # a dict keeps insertion order and drops duplicates
-    for node in view.nodes.values():
-        resolved = [resolve(d) for d in node.deps if d in view.nodes]
-        deps[node.id] = list(dict.fromkeys(resolved))
+    for node in nodes.values():
+        if not node.deps:
+            continue
         target = shown(node.id)
         for dep in node.deps:
-            if dep in view.nodes:
+            if dep in nodes:
                 source = shown(dep)
                 if source != target:
                     edges[(source, target)] = None
