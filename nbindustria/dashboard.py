@@ -617,13 +617,20 @@ class Dashboard:
             # so the header and graph keep following the run meanwhile.
             go = _require("plotly.graph_objects")
             widgets = _require("ipywidgets")
-            charts = go.FigureWidget(layout={"template": "none"})
+            with self._lock:
+                traces, layout = self._chart_data()
+            # Made with its data (plotly validates once, rather than an empty figure and then
+            # its traces), outside the lock: the data are plain dicts of this moment. What
+            # changes meanwhile reaches the charts at the next refresh (_charts_stale).
+            charts = go.FigureWidget(data=[_packed(t) for t in traces], layout=layout)
             charts._config = {"displaylogo": False, "responsive": True}
             box = widgets.Box([charts], layout=widgets.Layout(margin="10px 0 0 0"))
             box.add_class("nbi-chart")
+            sync = _FigureSync(charts)
+            sync.traces, sync.layout = traces, layout
             with self._lock:
-                self._sync_charts = _FigureSync(charts)
-                self._sync_charts(*self._chart_data())
+                self._sync_charts = sync
+                self._charts_stale = True
                 self.charts = charts
                 self.widget.children = (*self.widget.children, box)
             self._spent(time.thread_time() - began)

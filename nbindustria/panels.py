@@ -312,7 +312,6 @@ class NodeRecord:
     state: str = ADDED
     key: str = ""
     engine: str = ""
-    queued_at: float | None = None
     running_at: float | None = None
     started: float | None = None
     ended: float | None = None
@@ -452,9 +451,7 @@ class RunView:
             if kind != CACHED:  # a hit's engine made it in an earlier run
                 self.engines_seen.add(event.engine)
         stats = self.tasks[node.task]
-        if kind == QUEUED:
-            node.queued_at = event.time
-        elif kind == RUNNING:
+        if kind == RUNNING:
             node.running_at = event.started if event.started is not None else event.time
             node.attempts += 1
         elif kind in (DONE, FAILED):
