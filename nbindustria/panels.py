@@ -302,7 +302,10 @@ class Segments:
 
 @dataclass(slots=True)
 class NodeRecord:
-    """What the dashboard knows about one node of the run, from its events so far."""
+    """What the dashboard knows about one node of the run, from its events so far.
+
+    What the final event says (times, memory, why, the error) is read from that event,
+    ``outcome``, rather than copied: a run makes thousands of these, so fields are few."""
 
     id: str
     task: str
@@ -313,16 +316,54 @@ class NodeRecord:
     key: str = ""
     engine: str = ""
     running_at: float | None = None
-    started: float | None = None
+    started: float | None = None  # an executed attempt's start and end (DONE/FAILED)
     ended: float | None = None
-    duration: float | None = None
-    cpu: float | None = None
-    peak_memory: int | None = None
-    size: int | None = None
-    reason: str = ""
-    error: str = ""
-    traceback: str = ""
     attempts: int = 0
+    outcome: Event | None = None  # the last DONE, FAILED, CACHED or SKIPPED event
+
+    def _said(self, *kinds: str) -> Event | None:
+        outcome = self.outcome
+        return outcome if outcome is not None and outcome.kind in kinds else None
+
+    @property
+    def duration(self) -> float | None:
+        """Wall seconds of the executed attempt, or the recorded seconds of a cache hit."""
+        outcome = self._said(DONE, FAILED, CACHED)
+        if outcome is None:
+            return None
+        if outcome.duration is not None or outcome.kind == CACHED:
+            return outcome.duration
+        return None if self.ended is None or self.started is None else self.ended - self.started
+
+    @property
+    def cpu(self) -> float | None:
+        outcome = self._said(DONE, FAILED)
+        return outcome.cpu if outcome is not None else None
+
+    @property
+    def peak_memory(self) -> int | None:
+        outcome = self._said(DONE, FAILED)
+        return outcome.peak_memory if outcome is not None else None
+
+    @property
+    def size(self) -> int | None:
+        outcome = self._said(DONE, CACHED)
+        return outcome.size if outcome is not None else None
+
+    @property
+    def reason(self) -> str:
+        outcome = self._said(DONE, CACHED, SKIPPED)
+        return outcome.reason if outcome is not None else ""
+
+    @property
+    def error(self) -> str:
+        outcome = self._said(FAILED)
+        return outcome.error if outcome is not None else ""
+
+    @property
+    def traceback(self) -> str:
+        outcome = self._said(FAILED)
+        return outcome.traceback if outcome is not None else ""
 
 
 @dataclass(slots=True)
@@ -455,44 +496,37 @@ class RunView:
             node.running_at = event.started if event.started is not None else event.time
             node.attempts += 1
         elif kind in (DONE, FAILED):
-            node.started = event.started if event.started is not None else node.running_at
-            node.ended = event.ended if event.ended is not None else event.time
-            if node.started is None:
-                node.started = node.ended if event.duration is None else node.ended - event.duration
-            node.duration = (
-                event.duration if event.duration is not None else node.ended - node.started
-            )
-            node.cpu = event.cpu
-            node.peak_memory = event.peak_memory
+            node.outcome = event
+            ended = event.ended if event.ended is not None else event.time
+            started = event.started if event.started is not None else node.running_at
+            if started is None:
+                started = ended if event.duration is None else ended - event.duration
+            node.started, node.ended = started, ended
             if kind == DONE:
-                node.size = event.size
-                node.reason = event.reason
                 stats.runs += 1
             else:
-                node.error = event.error
-                node.traceback = event.traceback
                 stats.failures += 1
-            stats.wall += node.duration or 0.0
-            stats.peak = max(stats.peak, node.peak_memory or 0)
+            stats.wall += event.duration if event.duration is not None else ended - started
+            peak = event.peak_memory
+            if peak is not None and peak > stats.peak:
+                stats.peak = peak
             bar = {
                 "node": node.id,
                 "task": node.task,
                 "label": node.label,
                 "engine": node.engine or "kernel",
-                "started": node.started,
-                "ended": node.ended,
+                "started": started,
+                "ended": ended,
                 "state": kind,
-                "peak_memory": node.peak_memory,
+                "peak_memory": peak,
             }
             self.bars.append(bar)  # the charts' structures take it in when they are drawn
         elif kind == CACHED:
-            node.duration = event.duration
-            node.size = event.size
-            node.reason = event.reason
+            node.outcome = event
             stats.hits += 1
             stats.saved += event.duration or 0.0
         elif kind == SKIPPED:
-            node.reason = event.reason
+            node.outcome = event
         self.version += 1
 
     def _add_node(self, event: Event) -> NodeRecord:
