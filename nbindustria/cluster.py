@@ -336,12 +336,15 @@ class Engines:
                 if i in self._facts
             ]
 
-    def check_shared_dir(self, path: str | os.PathLike[str]) -> dict[int, bool]:
+    def check_shared_dir(
+        self, path: str | os.PathLike[str], ids: list[int] | None = None
+    ) -> dict[int, bool]:
         """Which engines can read and write files in ``path`` (same host or a shared filesystem).
 
         The kernel writes a probe file with a random token into ``path``; each engine reads it
         back, compares the token, and writes (then removes) a file of its own beside it. The probe
         is removed afterwards. The answers are kept and show as :attr:`EngineInfo.can_reach`.
+        ``ids``: probe only these engines (default: all; their answers replace the kept ones).
 
         Returns
         -------
@@ -365,13 +368,17 @@ class Engines:
                 "the directory must exist and be writable to be shared with engines"
             ) from exc
         try:
-            results = self._on_each(self.ids(), _probe_shared_dir, probe, token)
+            results = self._on_each(self.ids() if ids is None else ids, _probe_shared_dir,
+                                    probe, token)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(probe)
         reach = {i: r is True for i, r in results.items()}
         with self._lock:
-            self._reach = dict(reach)
+            if ids is None:
+                self._reach = dict(reach)
+            else:
+                self._reach.update(reach)
         return reach
 
     def add_engines(self, n: int, timeout: float = 90.0) -> list[int]:
@@ -414,6 +421,7 @@ class Engines:
             ) from exc
         self._watch_exits()
         self.wait_for(want, deadline - time.monotonic())
+        _reap_if_orphaned(_cluster_processes(self._cluster))
         return sorted(set(self.client.ids) - before)
 
     def interrupt_busy(self, ids: list[int] | None = None, timeout: float = 5.0) -> None:
@@ -552,6 +560,64 @@ def _stop_all_owned() -> None:
     for engines in list(_OWNED):
         with contextlib.suppress(Exception):
             engines.stop()
+
+
+# --- the reaper: no engine outlives the process that started it -----------------------------------
+# atexit stops owned clusters when the process ends normally. A process that is killed (SIGKILL,
+# the OOM killer, SIGTERM without a handler) runs no atexit, and ipyparallel's processes do not
+# watch the process that started them. So a small reaper process holds the read end of a pipe
+# from us; when we end, however we end, the pipe closes and the reaper kills what we started.
+
+_REAPER_CODE = """
+import sys
+import psutil
+
+started = {}
+for line in sys.stdin:  # "pid create_time" per process; end of file: our parent is gone
+    pid, created = line.split()
+    started[int(pid)] = float(created)
+victims = []
+for pid, created in started.items():
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - created) > 0.01:
+            continue  # that pid was reused by an unrelated process
+        victims += [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        continue
+for proc in victims:
+    try:
+        proc.kill()
+    except psutil.Error:
+        pass
+"""
+
+_REAPER_LOCK = threading.Lock()
+_reaper: subprocess.Popen[str] | None = None
+
+
+def _reap_if_orphaned(processes: list[Any]) -> None:
+    """Have the reaper kill ``processes`` (and their children) if this process dies first."""
+    global _reaper
+    import sys
+
+    lines = []
+    for proc in processes:
+        with contextlib.suppress(Exception):
+            lines.append(f"{proc.pid} {proc.create_time()}\n")
+    with _REAPER_LOCK:
+        try:
+            if _reaper is None or _reaper.poll() is not None:
+                # Its own session: a Ctrl-C meant for us must not end it.
+                _reaper = subprocess.Popen(
+                    [sys.executable, "-c", _REAPER_CODE], stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                    start_new_session=True)
+            assert _reaper.stdin is not None
+            _reaper.stdin.write("".join(lines))
+            _reaper.stdin.flush()
+        except OSError as exc:  # the safety net is gone; atexit still stops the clusters
+            _log.warning("could not hand engine processes to the reaper: %s", exc)
 
 
 def _register_owned(engines: Engines) -> None:
@@ -786,6 +852,7 @@ def start_local(
         )
         _register_owned(engines)
         engines._watch_exits()
+        _reap_if_orphaned(_cluster_processes(cluster))
         engines.wait_for(count, deadline - time.monotonic())
     except BaseException as exc:
         tail = _log_tail(cluster)
@@ -993,6 +1060,10 @@ def _fulfil(
         if old is not None:
             old.stop()
         engines = start_local(key[0], mpi=key[1])
+        # Measure the engines' facts now, while nobody waits (a start in the background):
+        # the first run then finds them known instead of asking every engine.
+        with contextlib.suppress(EngineError):
+            engines.info()
     except BaseException as exc:
         with _SHARED_LOCK:
             _pending = _pending_key = None

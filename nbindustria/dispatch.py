@@ -7,10 +7,21 @@ the loop then calls :meth:`EngineExecutor.finished` to free the resources.
 
 Placement. Each engine runs one message at a time. A task goes to an idle engine whose host still
 has the task's ``cpus``, ``memory`` and ``gpus`` free and whose own custom resources cover it, so
-the tasks on one host never together exceed its cores or memory. Tasks expected to be short
-(recorded durations under ``SHORT_TASK``) are sent in batches, several per message and two
-messages in flight per engine, so that fine-grained graphs are not drowned in messaging; long
-tasks go one at a time.
+the tasks on one host never together exceed its cores or memory. The scheduler hands tasks over
+in priority order, so "the next task to the next free engine" is the policy.
+
+* Long tasks go one at a time: nothing is queued behind a task whose end is unknown, so no work
+  is stranded behind a task that runs longer than thought. The one exception hides the round
+  trip: a task with a recorded duration may be queued behind one with a recorded duration that
+  is expected to end within ``PREFETCH_WINDOW``.
+* Short tasks (expected under ``SHORT_TASK``, from recorded durations or, in a first run, from
+  the calls of the same task that finished) travel in batches, several jobs per message, so
+  that fine-grained graphs are not drowned in messaging. A batch holds about ``batch_seconds``
+  of expected work, measured on the engine (the call and the staging of its result); that
+  grows with how late the kernel takes replies (a group commit holds its loop), so that each
+  engine keeps working while the kernel is away. Each engine holds at most two batches' worth,
+  and the next batch goes to the engine that holds the least, which keeps the engines even at
+  the end of a run.
 
 Data. When an engine can reach the cache directory, it reads its inputs from the store (checking
 them against the header digests the kernel vouched for) and stages its result there; only
@@ -42,13 +53,16 @@ if TYPE_CHECKING:
     from .store import Store
 
 SHORT_TASK = 0.05  # seconds: below this a task travels in a batch
-BATCH_MAX = 64  # jobs per message at most
-BATCH_TARGET_SECONDS = 0.05  # a batch holds about this much expected work
-SHORT_INFLIGHT = 2  # messages of short tasks in flight per engine (hides the round trip)
+BATCH_MAX = 256  # jobs per message at most
+BATCH_TARGET_SECONDS = 0.05  # a batch holds at least this much expected work...
+BATCH_SECONDS_MAX = 0.25  # ...and at most this much (what a late kernel can make it grow to)
+LAG_DECAY = 0.95  # per reply: how fast the remembered worst lag of the kernel fades
+SHORT_INFLIGHT = 3  # messages of short tasks in flight per engine at most
+PREFETCH_WINDOW = 0.06  # s: a known task may queue behind one expected to end this soon
 MAX_ENGINE_DEATHS = 3
 UNKNOWN = 1.0  # the expected duration the scheduler passes when none was recorded
-POLL_INTERVAL = 0.5
-MAX_REPLACEMENTS = 16  # engines started to replace dead ones, per executor  # seconds between looks for engines that joined or left
+POLL_INTERVAL = 0.5  # seconds between looks for engines that joined or left
+MAX_REPLACEMENTS = 16  # engines started to replace dead ones, per executor
 
 # On the engine: functions already received, by digest (sent once per engine, not per job).
 _ENGINE_FUNCTIONS: dict[str, Any] = {}
@@ -76,9 +90,13 @@ def _run_batch(functions: dict[str, bytes], jobs_blob: bytes, engine_label: str)
                 writer = writers.get(job.tmp_dir)
                 if writer is None:
                     writer = writers[job.tmp_dir] = SegmentWriter(job.tmp_dir)
+            t0 = time.perf_counter()
             outcome = execute(job, engine_loader, engine=engine_label, segment=writer)
             if outcome.has_value:  # the kernel stages it: send it by value, cloudpickled
                 outcome.value = cloudpickle.dumps(outcome.value)
+            # What the job cost this engine in all (the call, loading, staging): batches are
+            # planned with it, since for tiny tasks the staging is most of it.
+            outcome.extra["cost"] = time.perf_counter() - t0
             outcomes.append(outcome)
     finally:
         for writer in writers.values():
@@ -101,8 +119,13 @@ class _Engine:
     reaches_store: bool = False
     resources: dict[str, float] = field(default_factory=dict)
     messages: int = 0  # messages in flight
-    short: bool = False  # the messages in flight are batches of short tasks
-    jobs: dict[str, tuple[TaskOptions, int]] = field(default_factory=dict)  # node -> (opts, msg)
+    # node -> (options, message id (-1: in the batch being filled), expected seconds)
+    jobs: dict[str, tuple[TaskOptions, int, float]] = field(default_factory=dict)
+    queued: float = 0.0  # expected seconds of work it holds (sent or being batched)
+    long_held: int = 0  # how many of the jobs it holds are long ones
+    # When the work it was sent is expected to end (monotonic), if every job it holds has a
+    # recorded duration; else None (nothing may be queued behind it).
+    ends_at: float | None = None
     functions: set[str] = field(default_factory=set)
     alive: bool = True
     done: int = 0  # jobs finished here (any outcome)
@@ -143,15 +166,21 @@ class EngineExecutor:
         self._engines: dict[int, _Engine] = {}
         self._hosts: dict[str, _Host] = {}
         self._store_tmp: str | None = None
+        self._reach_by_dir: dict[str, dict[int, bool]] = {}  # directory -> engine id -> reaches
         self._store: Store | None = None
         self._store_path: str | None = None
         self._pending: dict[int, list[tuple[Job, TaskOptions]]] = {}
         self._report: Callable[[Outcome], None] | None = None
         self._msg_seq = 0
         self._messages: dict[int, Any] = {}  # msg id -> AsyncResult
-        # What the last free_slot_for found: (options, short, engine); any change of the
+        self._arrived: dict[int, float] = {}  # msg id -> when its reply came (ipyparallel's thread)
+        # The kernel's lag: how long replies waited before the loop took them (a decaying
+        # maximum, seconds). Batches grow with it so that engines do not wait for the kernel.
+        self._lag = 0.0
+        self.messages_sent = 0
+        # What the last free_slot_for found: (options, expected, engine); any change of the
         # placement state (a send, a finished job, engines joining) forgets it.
-        self._slot: tuple[TaskOptions, bool, _Engine] | None = None
+        self._slot: tuple[TaskOptions, float, _Engine] | None = None
         self._last_poll = 0.0
         # Durations measured in this run, per task name: (calls, total seconds, calls that
         # were not short).
@@ -238,7 +267,12 @@ class EngineExecutor:
         if self._share_store is False:
             reach: dict[int, bool] = {}
         else:
-            reach = self.engines.check_shared_dir(self._store_tmp)
+            # Each engine is probed once per directory, not once per run (a probe is a round
+            # trip to every engine); one that fails to read the store later stops sharing it.
+            reach = self._reach_by_dir.setdefault(self._store_tmp, {})
+            todo = [e.id for e in self._engines.values() if e.alive and e.id not in reach]
+            if todo:
+                reach.update(self.engines.check_shared_dir(self._store_tmp, todo))
         for engine in self._engines.values():
             engine.reaches_store = bool(reach.get(engine.id))
         return self._store_tmp
@@ -278,43 +312,66 @@ class EngineExecutor:
             f"{ {e.id: e.resources for e in self._engines.values()} }). Lower the request or "
             "add engines that have it.")
 
-    def _candidate(self, options: TaskOptions, short: bool) -> _Engine | None:
+    @property
+    def batch_seconds(self) -> float:
+        """Expected work per batch of short tasks: enough to cover the kernel's lag."""
+        return min(BATCH_SECONDS_MAX, max(BATCH_TARGET_SECONDS, 2.0 * self._lag))
+
+    def _candidate(self, options: TaskOptions, expected: float) -> _Engine | None:
+        """The engine that takes a job expected to take ``expected`` s, or None: an engine that
+        holds nothing first, then (short jobs) the one holding the least work, or (a long job
+        with a recorded duration) the one whose known work ends first, if within the window."""
+        short = expected < SHORT_TASK
+        known = not short and expected != UNKNOWN
+        now = time.monotonic() if known else 0.0
         best: _Engine | None = None
+        best_rank: tuple[int, float, int] | None = None
         for engine in self._engines.values():
             if not engine.alive or (options.resources
                                     and not self._custom_fits(engine, options)):
                 continue
-            if engine.messages == 0 or (short and engine.short and engine.messages < SHORT_INFLIGHT):
-                pass
+            if not engine.jobs:
+                rank = (0, 0.0, engine.id)
+            elif short:
+                if (engine.long_held or engine.messages >= SHORT_INFLIGHT
+                        or engine.queued >= 2.0 * self.batch_seconds):
+                    continue
+                rank = (1, engine.queued, engine.id)
+            elif (known and engine.ends_at is not None and engine.messages == 1
+                  and len(engine.jobs) == 1 and engine.ends_at - now <= PREFETCH_WINDOW):
+                rank = (1, engine.ends_at, engine.id)
             else:
+                continue
+            if best_rank is not None and rank >= best_rank:
                 continue
             if not self._fits_beside(engine, options):
                 continue
-            # Prefer the least loaded engine; among equals, the lowest id (stable).
-            if best is None or (engine.messages, engine.id) < (best.messages, best.id):
-                best = engine
+            best, best_rank = engine, rank
         return best
 
     def _expected(self, options: TaskOptions, expected: float) -> float:
         """The duration to plan with. The scheduler passes ``UNKNOWN`` (1 s) for a task with no
-        recorded duration; once calls of that task finished in this run, their mean is used
-        instead, so that a first run of many short tasks switches to batches after the first
-        replies rather than sending every task alone. A task is batched only if most of its
-        calls were short (more than a tenth long: uneven durations, whose batches would spoil
-        the balance between engines), so a rare slow call does not stop the batching either."""
+        recorded duration; once calls of that task finished in this run, their mean cost is
+        used instead, so that a first run of many short tasks switches to batches after the
+        first replies rather than sending every task alone. A task is batched only if most of
+        its calls were short (more than a tenth long: uneven durations, whose batches would
+        spoil the balance between engines), so a rare slow call does not stop the batching
+        either. A short recorded duration counts the call only: the cost measured on the
+        engines (staging included) is used when it is larger."""
+        measured = self._measured.get(options.name)
+        if measured is None:
+            return expected
+        count, total, long_calls = measured
+        mean = total / count
         if expected == UNKNOWN:
-            measured = self._measured.get(options.name)
-            if measured is not None:
-                count, total, long_calls = measured
-                mean = total / count
-                return mean if long_calls <= count / 10 else max(mean, SHORT_TASK)
-        return expected
+            return mean if long_calls <= count / 10 else max(mean, SHORT_TASK)
+        return max(expected, mean) if expected < SHORT_TASK else expected
 
     def free_slot_for(self, options: TaskOptions, expected: float = UNKNOWN) -> bool:
-        short = self._expected(options, expected) < SHORT_TASK
-        engine = self._candidate(options, short)
+        expected = self._expected(options, expected)
+        engine = self._candidate(options, expected)
         # The scheduler submits right after asking: remember the answer for that submit.
-        self._slot = (options, short, engine) if engine is not None else None
+        self._slot = (options, expected, engine) if engine is not None else None
         return engine is not None
 
     @property
@@ -327,16 +384,25 @@ class EngineExecutor:
                expected: float = UNKNOWN, placed: Callable[[str], None] | None = None,
                ) -> None:
         self._report = report
+        known = expected != UNKNOWN
         expected = self._expected(options, expected)
         short = expected < SHORT_TASK
         slot, self._slot = self._slot, None
-        if slot is not None and slot[0] is options and slot[1] == short:
+        if slot is not None and slot[0] is options and slot[1] == expected:
             engine: _Engine | None = slot[2]  # nothing changed since free_slot_for found it
         else:
-            engine = self._candidate(options, short)
+            engine = self._candidate(options, expected)
         if engine is None:
             raise EngineError(f"no engine is free for {job.label}")  # the loop checked first
         self._reserve(engine, options)
+        if not short:
+            # Its end is known only if this job's duration and the end of what the engine
+            # already holds are.
+            if known and (not engine.jobs or engine.ends_at is not None):
+                engine.ends_at = max(engine.ends_at or 0.0, time.monotonic()) + expected
+            else:
+                engine.ends_at = None
+            engine.long_held += 1
         if placed is not None:
             placed(engine.label)
         if not engine.reaches_store:
@@ -348,11 +414,12 @@ class EngineExecutor:
             job.fsync = True  # our syncfs does not reach another host's page cache
         batch = self._pending.setdefault(engine.id, [])
         batch.append((job, options))
-        engine.jobs[job.node_id] = (options, -1)
+        engine.jobs[job.node_id] = (options, -1, expected)
+        engine.queued += expected
         if not short:
             self._send(engine)
             return
-        budget = max(1, min(BATCH_MAX, int(BATCH_TARGET_SECONDS / max(expected, 1e-4))))
+        budget = max(1, min(BATCH_MAX, int(self.batch_seconds / max(expected, 1e-5))))
         if len(batch) >= budget:
             self._send(engine)
 
@@ -373,6 +440,7 @@ class EngineExecutor:
         for engine in self._engines.values():
             if engine.label == engine_label and engine.reaches_store:
                 engine.reaches_store = False
+                self._reach_by_dir.get(self._store_tmp or "", {})[engine.id] = False
                 return True
         return False
 
@@ -445,11 +513,12 @@ class EngineExecutor:
                 engine.functions.add(digest)
             jobs.append((digest, job))
         self._msg_seq += 1
+        self.messages_sent += 1
         msg = self._msg_seq
-        for job, options in batch:
-            engine.jobs[job.node_id] = (options, msg)
+        for job, _options in batch:
+            options, _, expected = engine.jobs[job.node_id]
+            engine.jobs[job.node_id] = (options, msg, expected)
         engine.messages += 1
-        engine.short = len(batch) > 1 or engine.short
         report = self._report
         assert report is not None
         view = self.engines.client[engine.id]
@@ -464,8 +533,10 @@ class EngineExecutor:
         self._messages[msg] = async_result
         keys = [(job.key, job.node_id) for job, _ in batch]
 
-        def done(ar: Any, keys: list[tuple[str, str]] = keys, engine: _Engine = engine) -> None:
+        def done(ar: Any, keys: list[tuple[str, str]] = keys, engine: _Engine = engine,
+                 msg: int = msg) -> None:
             # ipyparallel's thread: only turn the reply into outcomes and hand them over.
+            self._arrived[msg] = time.monotonic()
             try:
                 outcomes = ar.result()
             except Exception as exc:
@@ -483,18 +554,28 @@ class EngineExecutor:
             entry = engine.jobs.pop(outcome.node_id, None)
             if entry is None:
                 continue
-            options, msg = entry
+            options, msg, expected = entry
             engine.done += 1
+            engine.queued = max(0.0, engine.queued - expected) if engine.jobs else 0.0
+            if expected >= SHORT_TASK:
+                engine.long_held = max(0, engine.long_held - 1)
+            if not engine.jobs:
+                engine.ends_at = None
+            elif engine.ends_at is not None:
+                # What it holds now runs from now on (it was queued on the engine).
+                engine.ends_at = time.monotonic() + sum(e[2] for e in engine.jobs.values())
             self._release(engine, options)
             if outcome.ok or outcome.error_type not in ("EngineLost", "InputUnusable"):
+                cost = float(outcome.extra.get("cost", outcome.duration))
                 count, total, long_calls = self._measured.get(options.name, (0, 0.0, 0))
-                self._measured[options.name] = (count + 1, total + outcome.duration,
-                                                long_calls + (outcome.duration >= SHORT_TASK))
+                self._measured[options.name] = (count + 1, total + cost,
+                                                long_calls + (cost >= SHORT_TASK))
             if msg not in (e[1] for e in engine.jobs.values()):
                 engine.messages = max(0, engine.messages - 1)
                 self._messages.pop(msg, None)
-                if engine.messages == 0:
-                    engine.short = False
+                arrived = self._arrived.pop(msg, None)
+                if arrived is not None:
+                    self._lag = max(time.monotonic() - arrived, self._lag * LAG_DECAY)
             if outcome.error_type == "EngineLost" and engine.alive:
                 engine.alive = False
                 engine.functions.clear()

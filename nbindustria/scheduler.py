@@ -505,6 +505,9 @@ class Run:
                     self._handle(self.outcomes.get_nowait())
                 except queue.Empty:
                     break
+            # Engines that just became free get their next task before a group commit holds
+            # this thread (a commit waits for the disk).
+            self._dispatch()
             if self._staged and (not self._ready or len(self._staged) >= COMMIT_BATCH
                                  or self._staged_bytes >= COMMIT_BYTES
                                  or time.monotonic() - self._staged_since >= COMMIT_DELAY):

@@ -352,3 +352,63 @@ def test_start_local_mpi_engines(ipython_dir: Path) -> None:
     finally:
         engines.stop()
     assert alive(tree) == []
+
+
+# --- the end of the process that started them -----------------------------------------------------
+
+SCRIPT = """
+import os, sys
+from nbindustria import Pipeline
+
+pipe = Pipeline(name="script", cache_dir=sys.argv[1], key_dir=sys.argv[2], engines=2, verbose=0)
+
+@pipe.task
+def where(i):
+    return os.getpid()
+
+handles = [where(i) for i in range(4)]
+pipe.run()
+print(sorted({h.result() for h in handles}), flush=True)
+sys.stdin.readline()  # the test looks at our processes, then says how we end
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("end", ["exit", "exception", "sigterm", "sigkill"])
+def test_no_engine_survives_the_script_that_started_it(tmp_path: Path, end: str) -> None:
+    """A script with ``Pipeline(engines=2)`` starts a local cluster; however the script ends
+    (returns, raises, is terminated or killed), the controller and engines end with it."""
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT + {"exit": "", "exception": "raise SystemExit('boom')\n",
+                                "sigterm": "import time; time.sleep(600)\n",
+                                "sigkill": "import time; time.sleep(600)\n"}[end])
+    errors = (tmp_path / "stderr").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "cache"), str(tmp_path / "keys")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+    )
+    tree: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = " "
+        while line and not line.startswith("["):  # the run's summary line comes first
+            line = proc.stdout.readline()
+        assert line.startswith("["), (tmp_path / "stderr").read_text()
+        pids = set(eval(line))
+        tree = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                if "ipyparallel" in " ".join(p.cmdline())]
+        engines = {p.pid for p in tree if p.cmdline()[2:3] == ["ipyparallel.engine"]}
+        assert pids == engines and len(engines) == 2  # the tasks ran on the script's engines
+        if end in ("exit", "exception"):
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        else:
+            proc.send_signal(signal.SIGTERM if end == "sigterm" else signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        errors.close()
+    assert alive(tree, wait=20) == [], [p.cmdline() for p in alive(tree)]

@@ -174,9 +174,13 @@ def test_cpu_resources_are_respected(tmp_path, engines):
     heavy = pipe.task(busy_interval, cpus=cores)
     handles = [heavy(i) for i in range(3)]
     pipe.run()
-    intervals = sorted(h.result() for h in handles)
+    _assert_never_together([h.result() for h in handles], f"two cpus={cores} tasks")
+
+
+def _assert_never_together(intervals: list[tuple[float, float]], what: str) -> None:
+    intervals = sorted(intervals)
     for (_s1, e1), (s2, _e2) in itertools.pairwise(intervals):
-        assert s2 >= e1 - 0.01, f"two cpus={cores} tasks overlapped: {intervals}"
+        assert s2 >= e1 - 0.01, f"{what} overlapped: {intervals}"
 
 
 def test_task_that_fits_no_engine_is_an_error_before_running(tmp_path, engines):
@@ -366,3 +370,176 @@ def test_small_results_of_engines_are_packed_in_segments(tmp_path, engines):
                                             sum(i * i for i in range(150, 300))]
     assert {t.result()[1] for t in tops} <= {info.pid for info in engines.info()}
     assert store.verify_all(quarantine=False) == {}
+
+
+def noop(i: int) -> int:
+    return i
+
+
+def test_short_tasks_travel_in_batches_long_ones_alone(tmp_path, engines):
+    pipe = _pipe(tmp_path, engines)
+    tiny = pipe.task(noop)
+    handles = [tiny(i) for i in range(600)]
+    summary = pipe.run()
+    assert summary.ran == 600 and [h.result() for h in handles] == list(range(600))
+    executor = pipe.executor
+    # The first calls go alone (nothing is known of them); then they travel in batches.
+    assert executor.messages_sent < 600 / 5, executor.messages_sent
+    # Both engines took part.
+    assert all(row["tasks_done"] > 0 for row in executor.engine_table())
+
+    again = _pipe(tmp_path, engines)
+    slow = again.task(sleepy)
+    for i in range(4):
+        slow(i, 0.1)
+    again.run()
+    assert again.executor.messages_sent == 4  # long tasks: one message each
+
+
+def _placements(pipe: Pipeline) -> dict[str, list[tuple[float, float, float, str]]]:
+    """Per engine: (placed, started, ended, label) of each task, in the order placed."""
+    events = pipe.events.since(0)
+    placed = {e.node: e.time for e in events if e.kind == "running"}
+    per_engine: dict[str, list[tuple[float, float, float, str]]] = {}
+    for e in events:
+        if e.kind == "done":
+            per_engine.setdefault(e.engine, []).append(
+                (placed[e.node], e.started or 0.0, e.ended or 0.0, e.label))
+    return {k: sorted(v) for k, v in per_engine.items()}
+
+
+def test_first_run_hands_the_next_task_to_the_next_free_engine(tmp_path, engines):
+    """Nothing is known of the tasks: no task is queued behind another on an engine, so a
+    long task never holds back work that the other engine could do."""
+    pipe = _pipe(tmp_path, engines)
+    slow = pipe.task(sleepy)
+    long_one = slow(0, 1.2)
+    shorts = [slow(i, 0.1) for i in range(1, 11)]
+    started = time.monotonic()
+    pipe.run()
+    took = time.monotonic() - started
+    placements = _placements(pipe)
+    for rows in placements.values():
+        for (_p1, _s1, ended, _l1), (placed, _s2, _e2, label) in itertools.pairwise(rows):
+            assert placed >= ended - 0.005, f"{label} was queued behind another task"
+    long_engine = next(k for k, rows in placements.items()
+                       if any(r[3] == long_one.label for r in rows))
+    assert len(placements[long_engine]) == 1  # the other engine did every short task
+    assert {h.result() for h in shorts} == set(range(1, 11))
+    assert took < 1.2 + 1.0 + 3.0  # 1 s of short work beside the long task, plus slack
+
+
+def test_recorded_durations_order_a_rerun_longest_first(tmp_path, engines):
+    """A second run knows each call's duration: the longest go first (critical path), and a
+    known task is queued behind one about to end (the round trip is hidden)."""
+    seconds = [0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.5, 0.6]
+    first = _pipe(tmp_path, engines)
+    task = first.task(sleepy)
+    for i, s in enumerate(seconds):
+        task(i, s)
+    first.run()
+    first_order = [e.label for e in first.events.since(0) if e.kind == "running"]
+    assert first_order[:2] == ["sleepy(0, 0.05)", "sleepy(1, 0.1)"]  # in the order called
+
+    again = _pipe(tmp_path, engines)
+    task2 = again.task(sleepy)
+    for i, s in enumerate(seconds):
+        task2(i, s)
+    summary = again.run(rerun=["sleepy"])
+    assert summary.ran == len(seconds)
+    order = [e.label for e in again.events.since(0) if e.kind == "running"]
+    assert set(order[:2]) == {"sleepy(6, 0.5)", "sleepy(7, 0.6)"}, order
+    assert order[-1] == "sleepy(0, 0.05)", order
+    queued_behind = sum(
+        1 for rows in _placements(again).values()
+        for (_p, _s, ended, _l), (placed, _s2, _e2, _l2) in itertools.pairwise(rows)
+        if placed < ended)
+    assert queued_behind >= 1
+
+
+def burn(megabytes: int) -> np.ndarray:
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    return np.ones(megabytes * 131072)
+
+
+def test_engines_measure_time_cpu_and_memory_into_the_index(tmp_path, engines):
+    pipe = _pipe(tmp_path, engines)
+    task = pipe.task(burn)
+    small_one, big_one = task(1), task(200)
+    pipe.run()
+    rows = {row.label: row for row in pipe.store.index.query()}
+    small_row, big_row = rows[small_one.label], rows[big_one.label]
+    engine_hosts = {info.host for info in engines.info()}
+    for row in (small_row, big_row):
+        assert row.duration >= 0.2 and 0.15 <= row.cpu <= row.duration + 0.05
+        assert row.engine.startswith("engine ") and row.host in engine_hosts
+    # The 200 MiB result was resident on its engine when the call returned.
+    assert big_row.peak_memory - small_row.peak_memory > 150 * 2**20, \
+        (big_row.peak_memory, small_row.peak_memory)
+
+
+def _process_holds(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the readable memory of process ``pid`` (Linux)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or "[vvar]" in line or "[vsyscall]" in line:
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, ValueError, OverflowError):
+                continue
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="reads /proc/PID/mem")
+def test_engines_never_hold_the_cache_key(tmp_path, engines):
+    pipe = _pipe(tmp_path, engines)
+    make = pipe.task(make_array)
+    red = pipe.task(reduce_array)
+    outs = [red(make(i, 1)) for i in range(4)]
+    pipe.run()
+    assert [h.result() for h in outs] == [2.0 * i for i in range(4)]
+    key = pipe.store._key
+    assert len(key) == 32
+    assert _process_holds(os.getpid(), key)  # the kernel signs: the scan finds it here
+    for info in engines.info():
+        assert not _process_holds(info.pid, key), f"engine {info.id} holds the cache key"
+
+
+def test_memory_resources_are_respected(tmp_path, engines):
+    memory = min(info.memory for info in engines.info())
+    pipe = _pipe(tmp_path, engines)
+    big = pipe.task(busy_interval, memory=int(memory * 0.6))
+    handles = [big(i) for i in range(3)]
+    pipe.run()
+    _assert_never_together([h.result() for h in handles], "two tasks needing 60% of memory")
+
+
+def test_an_engine_shut_down_mid_run_is_not_a_failure(tmp_path):
+    eng = cluster_mod.start_local(2)
+    try:
+        pipe = _pipe(tmp_path, eng)
+        task = pipe.task(record_pid)
+        handles = [task(i, 0.3) for i in range(12)]
+
+        def shut_one_down() -> None:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                if any(e.kind == "done" for e in pipe.events.since(0)):
+                    eng.client.shutdown(targets=[max(eng.ids())], block=False)
+                    return
+                time.sleep(0.02)
+
+        threading.Thread(target=shut_one_down, daemon=True).start()
+        summary = pipe.run()
+        assert summary.failed == 0
+        assert [h.result()[0] for h in handles] == list(range(12))
+        assert pipe.store.verify_all(quarantine=False) == {}
+    finally:
+        eng.stop()

@@ -7,8 +7,12 @@ Tasks run in the kernel, so executions are counted from the run's own lines
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.notebook
@@ -447,3 +452,182 @@ def test_interrupt_keeps_finished_results_and_the_next_run_resumes(tmp_path: Pat
         assert k.ok("print(parts)").stdout.strip() == "[0, 1, 2, 3, 4, 5]"
     finally:
         k.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Engines from the notebook: real ipyparallel engines, children of a real kernel
+# --------------------------------------------------------------------------------------------
+
+_ENGINE_ROW = re.compile(r"engine (\d+): (\S+) pid (\d+)(?:, MPI rank (\d+))?, (busy|idle|dead), "
+                         r"(\d+) task\(s\) done")
+
+
+@dataclass
+class EngineRow:
+    id: int
+    host: str
+    pid: int
+    rank: int | None
+    state: str
+    done: int
+
+
+def engine_rows(text: str) -> list[EngineRow]:
+    """The rows ``%pipeline engines`` printed."""
+    return [EngineRow(int(m[1]), m[2], int(m[3]), None if m[4] is None else int(m[4]), m[5],
+                      int(m[6])) for m in _ENGINE_ROW.finditer(text)]
+
+
+def cluster_processes(kernel_pid: int) -> list[psutil.Process]:
+    """The kernel's descendants that belong to an ipyparallel cluster: controller, engines,
+    their nannies, mpiexec."""
+    found = []
+    for proc in psutil.Process(kernel_pid).children(recursive=True):
+        try:
+            line = " ".join(proc.cmdline())
+            if ("ipyparallel" in line or "mpiexec" in line or "orted" in line) \
+                    and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def engine_pids(processes: list[psutil.Process]) -> set[int]:
+    pids = set()
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            if proc.cmdline()[-1:] == ["ipyparallel.engine"] or \
+                    proc.cmdline()[2:3] == ["ipyparallel.engine"]:
+                pids.add(proc.pid)
+    return pids
+
+
+def still_running(processes: list[psutil.Process], wait: float) -> list[psutil.Process]:
+    """Those of ``processes`` still running after up to ``wait`` s (a zombie has exited)."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = []
+        for proc in processes:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(proc)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def engine_kernel(tmp_path: Path, **extra: str) -> Kernel:
+    env = {**kernel_env(tmp_path, IPYTHONDIR=str(tmp_path / "ipython")), **extra}
+    # nbindustria passes Open MPI its root and oversubscribe flags itself: prove it.
+    for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+                 "OMPI_MCA_rmaps_base_oversubscribe"):
+        env.pop(name, None)
+    return Kernel(env)
+
+
+WHERE_TASK = """
+    import os, sys, time
+    from nbindustria import task
+
+    @task
+    def where(i):
+        time.sleep(0.3)
+        mpi = sys.modules.get("mpi4py.MPI")
+        return os.getpid(), mpi.COMM_WORLD.Get_rank() if mpi is not None else None
+    """
+
+
+@pytest.mark.engines
+@pytest.mark.slow
+@pytest.mark.parametrize("mpi", [False, pytest.param(True, marks=[
+    pytest.mark.mpi, pytest.mark.skipif(shutil.which("mpiexec") is None,
+                                        reason="needs mpiexec (openmpi-bin)")])],
+    ids=["local", "mpi"])
+def test_engines_magics_start_list_run_stop(tmp_path: Path, mpi: bool) -> None:
+    k = engine_kernel(tmp_path)
+    try:
+        k.ok("%load_ext nbindustria\n%pipeline config dashboard=false")
+        k.ok(WHERE_TASK)
+        kernel_pid = int(k.ok("print(os.getpid())").stdout)
+        flag = " --mpi" if mpi else ""
+        started = k.ok(f"%pipeline engines start -n 2{flag}")
+        assert f"starting 2 engine(s){' under MPI' if mpi else ''}" in started.stdout
+        listed = k.ok("%pipeline engines", timeout=150)
+        assert ("engines: 2 local under MPI" if mpi else "engines: 2 local") in listed.stdout
+        rows = engine_rows(listed.stdout)
+        assert [r.id for r in rows] == [0, 1], listed.stdout
+        processes = cluster_processes(kernel_pid)
+        engines = engine_pids(processes)
+        # Every column holds the engine's own facts: a live engine process of this kernel.
+        assert {r.pid for r in rows} == engines and len(engines) == 2
+        assert {r.host for r in rows} == {socket.gethostname()}
+        assert all(r.state == "idle" and r.done == 0 for r in rows)
+        if mpi:  # distinct ranks of one MPI world
+            assert sorted(r.rank for r in rows) == [0, 1]  # type: ignore[type-var]
+        else:
+            assert [r.rank for r in rows] == [None, None]
+
+        ran = k.ok("%%pipeline run\nspots = [where(i) for i in range(6)]", timeout=120)
+        assert "ran 6, cached 0" in ran.stdout, ran.text
+        spots = eval(k.ok("print(sorted(set(spots)))").stdout)
+        assert {pid for pid, _rank in spots} == engines  # on both engines, never the kernel
+        if mpi:
+            assert {rank for _pid, rank in spots} == {0, 1}
+            assert {(r.pid, r.rank) for r in rows} == set(spots)
+        after = engine_rows(k.ok("%pipeline engines").stdout)
+        assert [r.pid for r in after] == [r.pid for r in rows]
+        assert sum(r.done for r in after) == 6 and all(r.done >= 1 for r in after)
+        assert all(r.state == "idle" for r in after)
+
+        stopped = k.ok("%pipeline engines stop", timeout=60)
+        assert "engines stopped" in stopped.stdout
+        assert len(processes) >= 3  # a controller (or mpiexec) and the engines at least
+        assert still_running(processes, wait=10) == []
+        assert cluster_processes(kernel_pid) == []
+        # Without engines, tasks run in the kernel again.
+        k.ok("%%pipeline run\nhere = where(99)")
+        assert k.ok("print(here[0] == os.getpid())").stdout.strip() == "True"
+    finally:
+        k.close()
+
+
+@pytest.mark.engines
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["environment", "config"])
+def test_engines_started_at_load_serve_the_first_run_and_end_with_the_kernel(
+        tmp_path: Path, how: str) -> None:
+    """NBINDUSTRIA_ENGINES=2 (or `%pipeline config engines=2`) starts the engines in the
+    background when the extension loads; the first run uses those very engines (no second
+    cluster), and when the kernel exits (shut down, or killed) no engine process is left."""
+    k = engine_kernel(tmp_path, **({"NBINDUSTRIA_ENGINES": "2"} if how == "environment"
+                                   else {}))
+    kernel_pid = k.km.provisioner.process.pid  # type: ignore[union-attr]
+    processes: list[psutil.Process] = []
+    try:
+        k.ok("%load_ext nbindustria\n%pipeline config dashboard=false")
+        if how == "config":
+            k.ok("%pipeline config engines=2")
+        k.ok(WHERE_TASK)
+        # The engines come up while the user does other things: no cell waits for them.
+        deadline = time.monotonic() + 120
+        while len(engine_pids(cluster_processes(kernel_pid))) < 2:
+            assert time.monotonic() < deadline, "the engines started at load never appeared"
+            time.sleep(0.2)
+        early = engine_pids(cluster_processes(kernel_pid))
+        ran = k.ok("%%pipeline run\nspots = [where(i) for i in range(4)]", timeout=120)
+        assert "ran 4, cached 0" in ran.stdout, ran.text
+        spots = eval(k.ok("print(sorted(set(spots)))").stdout)
+        assert {pid for pid, _rank in spots} <= early
+        processes = cluster_processes(kernel_pid)
+        assert engine_pids(processes) == early  # no second cluster was started
+    finally:
+        k.kc.stop_channels()
+        if how == "environment":
+            k.km.shutdown_kernel(now=False)  # as Jupyter does: a shutdown request
+        else:
+            os.kill(kernel_pid, signal.SIGKILL)  # killed: no atexit ran
+            k.km.shutdown_kernel(now=True)
+    assert not psutil.pid_exists(kernel_pid) or \
+        psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE
+    assert still_running(processes, wait=20) == []
