@@ -3,7 +3,7 @@
 Speed goals are checked by the benchmarks themselves (benchmarks/RESULTS.md), never here: these
 tests only keep the scripts from rotting when the package changes, so they assert that each
 script exits 0 and prints its table and its ratio lines, and nothing about the numbers. The
-four scripts start together (most of their time is waiting for imports and fsync), so the
+scripts start together (most of their time is waiting for imports and fsync), so the
 whole module takes about as long as the slowest one.
 """
 
@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("joblib")  # the benchmarks compare with it (the "bench" extra)
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-NAMES = ["cached_rerun", "hash_array", "load_array", "write_entries"]
+NAMES = ["cached_rerun", "hash_array", "load_array", "write_entries", "dashboard"]
 
 
 @pytest.fixture(scope="module")
