@@ -52,6 +52,7 @@ import json
 import mmap
 import operator
 import os
+import pickle
 import secrets
 import sqlite3
 import stat
@@ -194,6 +195,9 @@ def find_unpicklable(value: Any, path: str = "result", depth: int = 0) -> str | 
     return path
 
 
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 def serialize(value: Any, label: str) -> tuple[str, dict[str, Any], list[Any]]:
     """(kind, header fields, payload chunks) for a value; arrays are not copied."""
     if _is_plain_array(value):
@@ -206,6 +210,9 @@ def serialize(value: Any, label: str) -> tuple[str, dict[str, Any], list[Any]]:
         fields = {"dtype": array.dtype.str, "shape": list(array.shape), "order": order,
                   "array_type": type(value).__name__}
         return "ndarray", fields, [raw]
+    if type(value) in _SCALARS:  # the same bytes as cloudpickle's, without its set-up
+        data = pickle.dumps(value, protocol=5)
+        return "pickle", {"sha256": hashlib.sha256(data).hexdigest()}, [data]
     import cloudpickle
 
     try:
