@@ -22,8 +22,10 @@ Policy.
   from earlier runs where there is one.
 * A result counts as done only once it is committed (signed, flushed, renamed, flushed).
   Commits are grouped: as soon as nothing else is ready to run (someone waits on these
-  results), or 1024 results (or 16 MiB of results staged in memory) are waiting, or the oldest
-  waited 0.2 s. Small results of a group become one segment file (see store.py).
+  results), or 4096 results (or 16 MiB of results staged in memory) are waiting, or the oldest
+  waited 0.2 s (checked between dispatches: in-process, a long queue of tiny tasks makes groups
+  of 4096). The small results of a group become one segment file: one file created and two
+  flushes per group (see store.py).
 * A failure marks everything downstream skipped; independent work goes on; the run ends with one
   PipelineError that holds every failure. ``retries`` re-runs a call that raised.
 * An input whose entry fails its check is moved aside and its task runs again first.
@@ -73,7 +75,7 @@ from .worker import Input, Job, Outcome, execute, python_env
 
 # A group commit writes one segment file and flushes it once: larger groups cost less per
 # result. Results staged in memory (the kernel's own) are bounded by COMMIT_BYTES.
-COMMIT_BATCH = 1024
+COMMIT_BATCH = 4096
 COMMIT_BYTES = 16 << 20
 MAX_ENGINE_DEATHS = 3
 COMMIT_DELAY = 0.2
@@ -480,38 +482,39 @@ class Run:
 
     def _loop(self) -> None:
         while True:
-            self._dispatch()
-            if not self._in_flight and not self._ready:
-                if self._staged:
-                    self._commit()
-                    continue
-                if self.outcomes.empty():
-                    break
-            timeout = None
-            if self._staged:
-                timeout = max(0.0, self._staged_since + COMMIT_DELAY - time.monotonic())
-            try:
-                outcome = self.outcomes.get(timeout=0.05 if timeout is None else
-                                            min(timeout, 0.05))
-            except queue.Empty:
-                self.executor.poll()
-                if self._staged and (not self._ready or
-                                     time.monotonic() - self._staged_since >= COMMIT_DELAY):
-                    self._commit()
-                continue
-            self._handle(outcome)
-            while True:  # take everything that is already there before deciding anything
-                try:
-                    self._handle(self.outcomes.get_nowait())
-                except queue.Empty:
-                    break
             # Engines that just became free get their next task before a group commit holds
             # this thread (a commit waits for the disk).
             self._dispatch()
-            if self._staged and (not self._ready or len(self._staged) >= COMMIT_BATCH
-                                 or self._staged_bytes >= COMMIT_BYTES
-                                 or time.monotonic() - self._staged_since >= COMMIT_DELAY):
+            if self._group_due():
                 self._commit()
+                continue
+            if not self._in_flight and not self._ready and self.outcomes.empty():
+                break
+            timeout = 0.05
+            if self._staged:
+                timeout = min(timeout, max(0.0, self._staged_since + COMMIT_DELAY -
+                                           time.monotonic()))
+            try:
+                outcome = self.outcomes.get(timeout=timeout)
+            except queue.Empty:
+                self.executor.poll()
+                continue
+            self._handle(outcome)
+            self._take_outcomes()  # everything that is already there, before deciding anything
+
+    def _group_due(self) -> bool:
+        """Whether the staged results should be committed now (see the module docstring)."""
+        return bool(self._staged) and (
+            not self._ready or len(self._staged) >= COMMIT_BATCH
+            or self._staged_bytes >= COMMIT_BYTES
+            or time.monotonic() - self._staged_since >= COMMIT_DELAY)
+
+    def _take_outcomes(self) -> None:
+        while True:
+            try:
+                self._handle(self.outcomes.get_nowait())
+            except queue.Empty:
+                return
 
     def _dispatch(self) -> None:
         deferred: list[tuple[float, int, str]] = []
@@ -527,10 +530,12 @@ class Run:
                     break
                 continue
             self._submit(handle)
-            if self.outcomes.qsize() >= COMMIT_BATCH:
-                # In-process jobs finish inside submit: take their results (and commit them)
-                # before running more, so that staged results stay bounded.
-                break
+            if self.outcomes.qsize() >= 256:
+                # In-process jobs finish inside submit: take their results now, and stop to
+                # commit once a group is full, so that staged results stay bounded.
+                self._take_outcomes()
+                if len(self._staged) >= COMMIT_BATCH or self._staged_bytes >= COMMIT_BYTES:
+                    break
         for item in deferred:
             heapq.heappush(self._ready, item)
         self.executor.flush()

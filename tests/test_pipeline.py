@@ -580,3 +580,21 @@ def test_index_rows_hold_the_same_json_as_json_dumps() -> None:
 
     for mapping in ({}, {"a": "b"}, {"x": 'é"\\\n', "y": "1"}, {"n": 1, "f": [1.5]}):
         assert _flat_json(mapping) == json.dumps(mapping)
+
+
+def test_results_run_in_process_are_committed_in_bounded_groups(pipe: Pipeline) -> None:
+    """In-process results wait in memory for their group commit: a group closes at
+    COMMIT_BYTES, so 24 MiB of small results make at least two segment files."""
+    from nbindustria.scheduler import COMMIT_BYTES
+
+    @pipe.task
+    def blob(i: int) -> bytes:
+        return bytes([i % 256]) * (40 << 10)
+
+    handles = [blob(i) for i in range(600)]
+    assert 600 * (40 << 10) > COMMIT_BYTES
+    pipe.run()
+    segments = {pipe.store.locate(h.key or "")[0] for h in handles}
+    assert 2 <= len(segments) <= 4
+    assert all(pipe.store.locate(h.key or "")[2] for h in handles)  # all packed
+    assert handles[300].result() == bytes([300 % 256]) * (40 << 10)
