@@ -52,8 +52,8 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=None, help="tasks per run (default 10,000)")
     args = p.parse_args()
     n = args.tasks or (300 if args.quick else 10_000)
-    where = f"{args.engines} local engines" if args.engines else "the kernel"
-    report = Report("dashboard", f"Dashboard cost: a run of {n:,} tiny tasks in {where}, "
+    where = f"on {args.engines} local engines" if args.engines else "in the kernel"
+    report = Report("dashboard", f"Dashboard cost: a run of {n:,} tiny tasks {where}, "
                     f"dashboard on vs off (caches in {args.scratch_base})", args)
     engines = None
     if args.engines:

@@ -105,6 +105,29 @@ def test_charts_crop_a_late_start_and_say_why_they_are_empty():
     assert titles["memory-empty"] == "No memory samples: no task ran."
 
 
+def test_a_large_run_draws_bounded_segments():
+    from nbindustria.dashboard import charts_figure
+
+    events = [Event(RUN_START, time=1000.0, info={"pipeline": "big"})]
+    for i in range(3000):
+        node, engine = f"n{i}", f"engine {i % 2} (h:{i % 2})"
+        start = 1000.0 + i // 2 * 0.01
+        events += [Event("added", node=node, task=("fit", "score")[i // 7 % 2], time=1000.0),
+                   Event("done", node=node, task=("fit", "score")[i // 7 % 2], time=start + 0.01,
+                         engine=engine, started=start, ended=start + 0.008, duration=0.008,
+                         peak_memory=2**20 * (100 + i % 50))]
+    view = panels.run_view(events)
+    traces, layout = charts_figure(panels.timeline(view), panels.memory(view),
+                                   panels.cache_stats(view))
+    timeline = [t for t in traces if t["xaxis"] == "x" and t["name"] != "running"]
+    assert {t["type"] for t in timeline} == {"scatter"}  # merged segments, one path per name
+    points = sum(len(t["x"]) for t in timeline)
+    assert 0 < points <= 3 * panels.MAX_SEGMENTS
+    assert layout["annotations"][0]["text"].startswith("<b>Timeline</b> · 3000 tasks ran on 2")
+    markers = [t for t in traces if t["xaxis"] == "x2" and t["mode"] == "markers"]
+    assert sum(len(t["x"]) for t in markers) <= 2 * (panels.TASK_POINTS + 1)
+
+
 def test_only_changed_traces_are_sent(finished):
     sync = finished._sync_charts
     sent = []
