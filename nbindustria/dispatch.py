@@ -374,6 +374,14 @@ class EngineExecutor:
         self._slot = (options, expected, engine) if engine is not None else None
         return engine is not None
 
+    def next_free_in(self) -> float | None:
+        """Seconds until the first engine with work of recorded durations is expected to be
+        free (negative: overdue); None when no busy engine's end is known."""
+        now = time.monotonic()
+        ends = [e.ends_at for e in self._engines.values()
+                if e.alive and e.jobs and e.ends_at is not None]
+        return min(ends) - now if ends else None
+
     @property
     def memory_limit(self) -> int | None:
         """The smallest memory of the hosts the engines run on (the charts draw it)."""

@@ -437,6 +437,10 @@ class _EnginesOnDemand:
     def death_note(self, message: str) -> str:
         return str(self.real.death_note(message)) if self._real is not None else message
 
+    def next_free_in(self) -> float | None:
+        free_in = self._real.next_free_in() if self._real is not None else None
+        return None if free_in is None else float(free_in)
+
     def engine_cannot_reach_store(self, engine_label: str) -> bool:
         return bool(self._real.engine_cannot_reach_store(engine_label)) \
             if self._real is not None else False

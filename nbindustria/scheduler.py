@@ -25,7 +25,10 @@ Policy.
   results), or 4096 results (or 16 MiB of results staged in memory) are waiting, or the oldest
   waited 0.2 s (checked between dispatches: in-process, a long queue of tiny tasks makes groups
   of 4096). The small results of a group become one segment file: one file created and two
-  flushes per group (see store.py).
+  flushes per group (see store.py). While tasks run on engines and others wait to be sent, a
+  commit (which holds this thread while the disk flushes) is put off so that commits take at
+  most a tenth of the loop's time, and, when the engines' work has recorded durations, until
+  no engine is expected to need its next task during it; never beyond 2 s.
 * A failure marks everything downstream skipped; independent work goes on; the run ends with one
   PipelineError that holds every failure. ``retries`` re-runs a call that raised.
 * An input whose entry fails its check is moved aside and its task runs again first.
@@ -79,6 +82,8 @@ COMMIT_BATCH = 4096
 COMMIT_BYTES = 16 << 20
 MAX_ENGINE_DEATHS = 3
 COMMIT_DELAY = 0.2
+COMMIT_DELAY_MAX = 2.0  # s: the longest a result waits for its commit while others run
+COMMIT_SHARE = 0.1  # with engines busy, commits take at most this share of the loop's time
 FINAL = frozenset({"done", "cached", "failed", "skipped"})
 
 
@@ -217,6 +222,7 @@ class Run:
         self._staged: list[tuple[Staged, Handle[Any], Outcome]] = []
         self._staged_since = 0.0
         self._staged_bytes = 0
+        self._commit_cost = 0.05  # seconds a group commit holds the loop (moving average)
         self._previous: dict[str, tuple[str, str, str] | None] = {}
         self._previous_lookups = 0
         self._in_flight: dict[str, Handle[Any]] = {}
@@ -486,14 +492,16 @@ class Run:
             # this thread (a commit waits for the disk).
             self._dispatch()
             if self._group_due():
-                self._commit()
+                self._commit_timed()
                 continue
             if not self._in_flight and not self._ready and self.outcomes.empty():
                 break
             timeout = 0.05
             if self._staged:
-                timeout = min(timeout, max(0.0, self._staged_since + COMMIT_DELAY -
-                                           time.monotonic()))
+                due_in = self._staged_since + COMMIT_DELAY - time.monotonic()
+                # A commit that is due but put off (an engine about to need the loop): look
+                # again soon, without spinning.
+                timeout = min(timeout, due_in) if due_in > 0 else 0.01
             try:
                 outcome = self.outcomes.get(timeout=timeout)
             except queue.Empty:
@@ -504,10 +512,26 @@ class Run:
 
     def _group_due(self) -> bool:
         """Whether the staged results should be committed now (see the module docstring)."""
-        return bool(self._staged) and (
-            not self._ready or len(self._staged) >= COMMIT_BATCH
-            or self._staged_bytes >= COMMIT_BYTES
-            or time.monotonic() - self._staged_since >= COMMIT_DELAY)
+        if not self._staged:
+            return False
+        if (not self._ready or len(self._staged) >= COMMIT_BATCH
+                or self._staged_bytes >= COMMIT_BYTES):
+            return True  # someone waits for these results, or enough of them are waiting
+        waited = time.monotonic() - self._staged_since
+        if self.executor.n_engines == 0:  # in this process: a commit holds up no engine
+            return waited >= COMMIT_DELAY
+        if waited >= COMMIT_DELAY_MAX:
+            return True
+        if waited < max(COMMIT_DELAY, self._commit_cost / COMMIT_SHARE):
+            return False
+        next_free_in = getattr(self.executor, "next_free_in", None)
+        free_in = next_free_in() if next_free_in is not None else None
+        return free_in is None or free_in > self._commit_cost
+
+    def _commit_timed(self) -> None:
+        started = time.perf_counter()
+        self._commit()
+        self._commit_cost = 0.7 * self._commit_cost + 0.3 * (time.perf_counter() - started)
 
     def _take_outcomes(self) -> None:
         while True:
