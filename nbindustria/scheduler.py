@@ -287,6 +287,10 @@ class Run:
     # ---- the loop -------------------------------------------------------------------------------
 
     def execute(self, targets: list[Handle[Any]]) -> RunSummary:
+        with _older_objects_frozen():
+            return self._execute(targets)
+
+    def _execute(self, targets: list[Handle[Any]]) -> RunSummary:
         t0 = time.perf_counter()
         with _gc_paused():
             self._start(targets)
@@ -880,6 +884,26 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def _older_objects_frozen() -> Iterator[None]:
+    """Keep the objects that existed before the run out of the collector's full passes.
+
+    A kernel holds many objects (the notebook's data, earlier runs' handles); every full
+    collection during a run would traverse all of them again, although only the run's own
+    objects can become garbage that matters now. New garbage is still collected; the frozen
+    objects are handed back to the collector when the run ends. A process that froze objects
+    itself keeps its own arrangement.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def outcome_engine(handle: Handle[Any], run: Run) -> str:

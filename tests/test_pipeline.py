@@ -598,3 +598,29 @@ def test_results_run_in_process_are_committed_in_bounded_groups(pipe: Pipeline) 
     assert 2 <= len(segments) <= 4
     assert all(pipe.store.locate(h.key or "")[2] for h in handles)  # all packed
     assert handles[300].result() == bytes([300 % 256]) * (40 << 10)
+
+
+def test_a_run_hands_the_garbage_collector_back_as_it_found_it(pipe: Pipeline) -> None:
+    """Runs pause the collector while resolving and keep older objects out of its full passes;
+    afterwards it is enabled and nothing stays frozen (also after a failure), and a process
+    that froze objects itself keeps them frozen."""
+    import gc
+
+    @pipe.task
+    def boom(i: int) -> int:
+        assert gc.isenabled()  # user code runs with the collector on
+        if i == 2:
+            raise ValueError("no")
+        return i
+
+    for i in range(3):
+        boom(i)
+    with pytest.raises(PipelineError):
+        pipe.run()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        pipe.run(boom(5))
+        assert gc.get_freeze_count() > 0  # (frozen objects may die by refcount meanwhile)
+    finally:
+        gc.unfreeze()
