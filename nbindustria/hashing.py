@@ -441,11 +441,25 @@ def _enc_ellipsis(enc: ValueEncoder, value: Any, path: str) -> None:
 def _register_numpy() -> None:
     import numpy as np
 
+    def frozen(array: np.ndarray) -> bool:
+        """Whether nothing can change this array's bytes: read-only all the way down to a
+        read-only buffer (a mapping opened read-only, bytes). A read-only array that owns its
+        memory can be made writable again, and a read-only view of a writable array changes
+        with it: both may change in place after a call is recorded."""
+        base: Any = array
+        while isinstance(base, np.ndarray):
+            if base.flags.writeable or base.base is None:
+                return False
+            base = base.base
+        try:
+            with memoryview(base) as view:
+                return bool(view.readonly)
+        except TypeError:
+            return False
+
     @register(np.ndarray)
     def _enc_ndarray(enc: ValueEncoder, value: np.ndarray, path: str) -> None:
-        if not value.flags.writeable and value.base is not None:
-            pass  # read-only views are still hashed by content: provenance is checked elsewhere
-        enc.mutable |= bool(value.flags.writeable)
+        enc.mutable |= not frozen(value)
         enc.buf += b"A"
         enc.encode(value.dtype.str, path)
         enc.encode(value.shape, path)

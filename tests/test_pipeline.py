@@ -121,6 +121,39 @@ def test_argument_changed_in_place_after_the_call(pipe: Pipeline, counter: Count
     assert counter["total"] == 2
 
 
+@pytest.mark.parametrize("make", ["read-only view of a writable array",
+                                  "read-only array that owns its memory"])
+def test_read_only_array_changed_after_the_call(pipe: Pipeline, counter: Counter,
+                                                cache_dir: Path, key_dir: Path,
+                                                make: str) -> None:
+    """A read-only flag does not freeze an array: its writable base can change it, and an
+    array that owns its memory can be made writable again. The run must see the bytes as they
+    are when it starts, never hit the entry of the bytes as they were at the call."""
+    def first(a: Any) -> float:
+        counter.hit("first")
+        return float(a[0])
+
+    pipe.task(first)(np.zeros(4))
+    pipe.run()  # the entry of zeros is in the cache
+    later = Pipeline(name="later", cache_dir=cache_dir, key_dir=key_dir, stream=io.StringIO())
+    base = np.zeros(4)
+    if make.startswith("read-only view"):
+        arg = base[:]
+        arg.flags.writeable = False
+        handle = later.task(first)(arg)
+        base[0] = 7.0  # changes the view through its base
+    else:
+        arg = base
+        arg.flags.writeable = False
+        handle = later.task(first)(arg)
+        arg.flags.writeable = True
+        arg[0] = 7.0
+    later.run()
+    assert handle.result() == 7.0
+    assert counter["first"] == 2
+    later.close()
+
+
 def test_run_only_what_the_handles_need(pipe: Pipeline, counter: Counter) -> None:
     @pipe.task
     def f(x: int) -> int:
