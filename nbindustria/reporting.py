@@ -9,7 +9,6 @@ import sys
 from typing import Any, TextIO
 
 from .events import (
-    ADDED,
     CACHED,
     DONE,
     FAILED,
@@ -115,8 +114,7 @@ class TextReporter:
                         (f" ({', '.join(extra)})" if extra else ""))
         elif kind == SKIPPED:
             self._write(f"[Skipped] {event.label}: {event.reason}")
-        elif kind == ADDED:
-            pass  # the queued/cached line says more
+        # ADDED and RUNNING print nothing: the queued, cached and saved lines say more.
 
     def _summary(self, event: Event) -> None:
         info = event.info

@@ -403,11 +403,8 @@ def test_rerun_dryrun_status_why_clear(kernel: Kernel) -> None:
 
 
 def test_dashboard_and_report(kernel: Kernel, tmp_path: Path) -> None:
-    pytest.importorskip("plotly")
-    try:
-        import nbindustria.dashboard  # noqa: F401
-    except Exception as exc:  # the dashboard is another module's job: skip when it is broken
-        pytest.skip(f"nbindustria.dashboard does not import: {exc}")
+    import nbindustria.dashboard  # noqa: F401  (a broken dashboard fails here, loudly)
+
     kernel.ok("@task\ndef h_one(x):\n    return x")
     kernel.ok("%pipeline config dashboard=true")
     try:
