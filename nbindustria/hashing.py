@@ -21,12 +21,15 @@ import functools
 import importlib.metadata
 import inspect
 import io
+import os
 import struct
 import sys
 import sysconfig
 import textwrap
+import threading
 import types
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +43,12 @@ ENCODING_VERSION = 1
 # Buffers larger than this are hashed on their own and their digest is encoded, so that a 100 MB
 # array is read once, straight from its memory, and never copied into the encoding.
 _INLINE_BUFFER_LIMIT = 4096
+
+# Buffers of at least two chunks are hashed as a tree: each fixed-size chunk on its own, in
+# parallel threads (xxhash releases the GIL), then the chunks' digests. The chunk size is part of
+# the encoding (keys must not depend on how many cores hashed them); changing it changes keys.
+_TREE_CHUNK = 8 << 20
+_TREE_MIN = 2 * _TREE_CHUNK
 
 _pack_len = struct.Struct("<Q").pack
 _pack_double = struct.Struct("<d").pack
@@ -311,10 +320,44 @@ def _enc_str(enc: ValueEncoder, value: str, path: str) -> None:
 
 def _encode_buffer(enc: ValueEncoder, tag: bytes, data: bytes | bytearray | memoryview) -> None:
     size = len(data) if not isinstance(data, memoryview) else data.nbytes
-    if size > _INLINE_BUFFER_LIMIT:
+    if size >= _TREE_MIN:
+        enc.buf += tag.upper() + _pack_len(size) + tree_digest(data)
+    elif size > _INLINE_BUFFER_LIMIT:
         enc.buf += tag.upper() + _pack_len(size) + xxhash.xxh3_128_digest(data)
     else:
         enc.buf += tag + _pack_len(size) + bytes(data)
+
+
+def tree_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """The xxh3-128 digest of the xxh3-128 digests of a buffer's 8 MiB chunks, in order.
+
+    The chunks are hashed in parallel, so a 100 MB array costs about what one core takes for its
+    share. The result depends only on the bytes: the chunk size is fixed, the thread count is not
+    part of it.
+    """
+    view = memoryview(data).cast("B")  # slices of a view copy nothing
+    chunks = [view[i:i + _TREE_CHUNK] for i in range(0, view.nbytes, _TREE_CHUNK)]
+    digests = _hash_pool().map(xxhash.xxh3_128_digest, chunks)
+    return xxhash.xxh3_128_digest(b"".join(digests))
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """Threads for tree hashing, made on first use in each process.
+
+    Made again in a forked child: the parent's threads do not exist there, and its pool would
+    take the work and never do it.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            workers = max(1, min(8, cores or os.cpu_count() or 1))
+            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="nbi-hash"))
+        return _pool[1]
 
 
 @register(bytes)

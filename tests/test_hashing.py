@@ -14,6 +14,7 @@ import io
 import math
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -24,12 +25,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import xxhash
 from helpers_tasks import Point, Slotted, double
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from support import exec_cell
 
+from nbindustria import hashing
 from nbindustria.errors import HashingError
 from nbindustria.hashing import (
     CodeHasher,
@@ -37,6 +40,7 @@ from nbindustria.hashing import (
     encode_value,
     normalized_source_digest,
     tokenize,
+    tree_digest,
 )
 
 TESTS = Path(__file__).parent
@@ -175,6 +179,55 @@ def test_large_arrays_are_hashed_without_copying_into_the_encoding() -> None:
     other = big.copy()
     other[-1] = 1.0
     assert tokenize(big) != tokenize(other)
+
+
+def test_tree_hash_sees_every_chunk_and_not_the_thread_count() -> None:
+    chunk = hashing._TREE_CHUNK
+    big = np.random.default_rng(3).integers(0, 255, 2 * chunk + 5, dtype=np.uint8)
+    # The tree by hand: each 8 MiB chunk's xxh3-128 digest, then the digest of those, in order.
+    view = memoryview(big).cast("B")
+    by_hand = xxhash.xxh3_128_digest(b"".join(
+        xxhash.xxh3_128_digest(view[i:i + chunk]) for i in range(0, len(view), chunk)))
+    assert tree_digest(big) == by_hand
+    assert tree_digest(bytes(big)) == by_hand
+    token = tokenize(big)
+    for where in (0, chunk - 1, chunk, 2 * chunk + 4):  # a byte in each chunk and at the seams
+        changed = big.copy()
+        changed[where] ^= 1
+        assert tokenize(changed) != token, where
+    swapped = np.concatenate([big[chunk:2 * chunk], big[:chunk], big[2 * chunk:]])
+    assert tokenize(swapped) != token  # chunk digests are combined in order
+    # Arrays of the same bytes but another dtype or shape still differ.
+    assert tokenize(big.view(np.int8)) != token
+    assert tokenize(big[:-1]) != token
+    assert tokenize(bytearray(big.tobytes())) != tokenize(big.tobytes())
+
+
+def test_tree_hash_in_a_forked_child() -> None:
+    # The hashing threads of the parent do not exist in a forked child (multiprocessing's fork,
+    # an engine forked by a launcher): the child must make its own, not wait on the parent's.
+    big = np.ones(3 * hashing._TREE_CHUNK // 8)
+    parent = tokenize(big)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its token and leave without running the parent's cleanup
+        try:
+            os.write(write, tokenize(big).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(os.read(read, 1024)), daemon=True)
+    reader.start()
+    reader.join(30)
+    hung = reader.is_alive()
+    if hung:
+        os.kill(pid, signal.SIGKILL)  # its end of the pipe closes: the read returns
+        reader.join(10)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert not hung, "the forked child hung while hashing"
+    assert out[0].decode() == parent
 
 
 def test_numpy_scalars_and_structured_arrays() -> None:

@@ -57,6 +57,8 @@ def golden_values() -> dict[str, Any]:
         "array": np.arange(6, dtype="<i8").reshape(2, 3),
         "farray": np.linspace(0.0, 1.0, 1000).reshape(10, 100).T,
         "np_scalar": np.float32(1.5),
+        # 17.6 MB: hashed as a tree of 8 MiB chunks (hashing._TREE_CHUNK)
+        "treearray": np.arange(2_200_000, dtype="<f8"),
         "frame": pd.DataFrame({"a": [1, 2], "b": ["x", "y"], "c": [0.5, None]}),
         "series": pd.Series([1.5, None], name="s"),
     }
@@ -89,6 +91,7 @@ GOLDEN_TOKENS = {
     "array": "3c7a9c7bc630b2e33a325b324c18e435",
     "farray": "d11b8f167875ba1510e669ad33eab1b5",
     "np_scalar": "f4db7728fa6fa6996a124ed440273a53",
+    "treearray": "7e0ef2112d25de0018ee976fd5b8f1f0",
     "frame": "b403194ebf803ed46525e4433e843175",
     "series": "b1ffc829528d2f53533f445bb3ccf35e",
 }
