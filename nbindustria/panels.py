@@ -23,6 +23,7 @@ Panels
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import re
@@ -98,6 +99,7 @@ MAX_SEGMENTS = 2000  # at most this many timeline segments (bars closer than a g
 TASK_POINTS = 400  # peak-memory points kept per task name (an even sample, and the highest)
 ENGINE_POINTS = 500  # memory points kept per engine (the highest of each stretch of time)
 RUNNING_PER_ROW = 8  # running bars drawn per engine row (the longest running first)
+_TASK_KINDS = frozenset(TASK_STATES)
 
 
 # Task colours: mid-tones that read on light and dark backgrounds. A name hashes to one of the
@@ -387,6 +389,11 @@ class RunView:
 
     Every panel function reads it. It is not thread-safe: one reader (the dashboard's refresh
     thread, or a caller of the panel functions) feeds and reads it.
+
+    The view is columnar: a dict per fact, keyed by node id, filled a batch at a time with C-level
+    dict and list operations (a run of 10,000 short tasks is 40,000 events, and an object per
+    node costs more than everything else the dashboard does). :meth:`record` gathers one node's
+    facts into a :class:`NodeRecord`, for the nodes the panels draw.
     """
 
     def __init__(self) -> None:
@@ -399,10 +406,24 @@ class RunView:
         self.ended: float | None = None  # RUN_END time
         self.first_time: float | None = None  # earliest event time (a log without RUN_START)
         self.last_time: float | None = None
-        self.nodes: dict[str, NodeRecord] = {}
+        # Per node, in the order nodes entered the run: its task name, call label, deps, order.
+        self.task_of: dict[str, str] = {}
+        self.label_of: dict[str, str] = {}
+        self.deps_of: dict[str, tuple[str, ...]] = {}
+        self.seq_of: dict[str, int] = {}
+        # Per node, from its events so far: state, last task event, last RUNNING event, last
+        # outcome (DONE, FAILED, CACHED or SKIPPED), last key and engine named, starts.
+        self.state: dict[str, str] = {}
+        self.last_start: dict[str, Event] = {}
+        self.outcome: dict[str, Event] = {}
+        self.key_of: dict[str, str] = {}
+        self.engine_of: dict[str, str] = {}
+        self.attempts: collections.Counter[str] = collections.Counter()
         self.tasks: dict[str, TaskStats] = {}
         self.counts: dict[str, int] = dict.fromkeys(TASK_STATES, 0)
-        self.bars: list[dict[str, Any]] = []  # one per executed attempt (DONE or FAILED)
+        # One per executed attempt (DONE or FAILED), in the order they finished: (node, task,
+        # label, engine, started, ended, state, peak memory).
+        self.bars: list[tuple[Any, ...]] = []
         # What the charts draw, kept bounded as events arrive (see MAX_BARS and friends).
         self.engines_seen: set[str] = set()  # engines that ran or run a task of this run
         self.running: dict[str, None] = {}  # ids of the running nodes, in the order they started
@@ -419,154 +440,230 @@ class RunView:
         self._depths_stale = False
         self._details_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
+    @property
+    def nodes(self) -> dict[str, str]:
+        """The run's node ids (in the order they entered it), each with its task name."""
+        return self.task_of
+
+    def running_at(self, node_id: str) -> float | None:
+        start = self.last_start.get(node_id)
+        if start is None:
+            return None
+        return start.started if start.started is not None else start.time
+
+    def span(self, event: Event) -> tuple[float, float]:
+        """(start, end) of the executed attempt a DONE or FAILED event reports."""
+        ended = event.ended if event.ended is not None else event.time
+        began = event.started if event.started is not None else self.running_at(event.node)
+        if began is None:
+            began = ended if event.duration is None else ended - event.duration
+        return began, ended
+
+    def record(self, node_id: str) -> NodeRecord:
+        """Everything the view knows about one node (made on demand: details, running bars)."""
+        outcome = self.outcome.get(node_id)
+        started = ended = None
+        if outcome is not None and outcome.kind in (DONE, FAILED):
+            started, ended = self.span(outcome)
+        return NodeRecord(node_id, self.task_of[node_id], self.label_of[node_id],
+                          self.seq_of[node_id], self.deps_of[node_id], self.state[node_id],
+                          self.key_of.get(node_id, ""), self.engine_of.get(node_id, ""),
+                          self.running_at(node_id), started, ended,
+                          self.attempts.get(node_id, 0), outcome)
+
     # -- feeding -----------------------------------------------------------------------------
 
     def update(self, events: Iterable[Event]) -> bool:
-        """Fold events (in log order) into the view; True if anything a panel shows changed."""
+        """Fold events (in log order) into the view; True if anything a panel shows changed.
+
+        A batch is folded in bulk: what the panels show of a node depends on its last event in
+        the batch, on how often it started running and on its outcomes, so the batch is read in
+        four comprehensions (which read each event's first fields only: a run's events are
+        too many to stay in the CPU's caches, and every pass over them costs a miss per event),
+        and the rest works on the nodes that changed. Run-level events split a batch.
+        """
         before = self.version
         batch = events if isinstance(events, list) else list(events)
-        # A node that went queued -> running -> done within one batch shows only its last
-        # state: its earlier queued and running events are passed over (a running one still
-        # counts its attempt), which halves the work of a refresh in a run of short tasks.
-        last = {e.node: i for i, e in enumerate(batch) if e.kind != ADDED}
-        apply = self._apply
-        for i, event in enumerate(batch):
-            kind = event.kind
-            if kind == ADDED and event.node:  # the bulk of a run's start: the short way
-                t = event.time
-                if self.first_time is None or t < self.first_time:
-                    self.first_time = t
-                if self.last_time is None or t > self.last_time:
-                    self.last_time = t
-                if event.node not in self.nodes:  # a re-added node keeps its state
-                    self._add_node(event)
-                continue
-            if kind in (QUEUED, RUNNING) and last[event.node] != i:
-                node = self.nodes.get(event.node)  # (a run-start replaces the dict)
-                if node is not None:
-                    if kind == RUNNING:
-                        node.attempts += 1
-                        node.running_at = event.started or event.time
-                        if event.engine:
-                            node.engine = event.engine
-                            self.engines_seen.add(event.engine)
-                    continue
-            apply(event)
+        last = {e.node: e for e in batch}  # each node's last event in the batch
+        if "" in last:  # run-level events (and anything else without a node)
+            begin = 0
+            for i in [i for i, e in enumerate(batch) if not e.node]:
+                if batch[i].kind in (RUN_START, RUN_END):
+                    self._fold(batch[begin:i])
+                    self._apply_run(batch[i])
+                    begin = i + 1
+            self._fold(batch[begin:])
+        elif batch:
+            self._fold(batch, last)
         return self.version != before
 
-    def _apply(self, event: Event) -> None:
-        kind = event.kind
-        if kind == RUN_START:
+    def _apply_run(self, event: Event) -> None:
+        if event.kind == RUN_START:
             self.reset()
             self.info = dict(event.info)
             self.started = event.time
             self.first_time = self.last_time = event.time
-            self.version += 1
             self.structure_version += 1
-            return
-        if kind == RUN_END:
+        else:
             self.ended = event.time
             self.end_info = dict(event.info)
-            self.version += 1
-            return
-        if kind not in TASK_STATES or not event.node:
-            return
-        if self.first_time is None or event.time < self.first_time:
-            self.first_time = event.time
-        if self.last_time is None or event.time > self.last_time:
-            self.last_time = event.time
-        node = self.nodes.get(event.node)
-        if node is None:
-            node = self._add_node(event)
-            if kind == ADDED:
-                return
-        elif kind == ADDED:
-            return  # a node re-added in the same run keeps its state (as events.latest_states)
-        self._set_state(node, kind)
-        if event.label and not node.label:
-            node.label = event.label
-        if event.key:
-            node.key = event.key
-        if event.engine:
-            node.engine = event.engine
-            if kind != CACHED:  # a hit's engine made it in an earlier run
-                self.engines_seen.add(event.engine)
-        stats = self.tasks[node.task]
-        if kind == RUNNING:
-            node.running_at = event.started if event.started is not None else event.time
-            node.attempts += 1
-        elif kind in (DONE, FAILED):
-            node.outcome = event
-            ended = event.ended if event.ended is not None else event.time
-            started = event.started if event.started is not None else node.running_at
-            if started is None:
-                started = ended if event.duration is None else ended - event.duration
-            node.started, node.ended = started, ended
-            if kind == DONE:
-                stats.runs += 1
-            else:
-                stats.failures += 1
-            stats.wall += event.duration if event.duration is not None else ended - started
-            peak = event.peak_memory
-            if peak is not None and peak > stats.peak:
-                stats.peak = peak
-            bar = {
-                "node": node.id,
-                "task": node.task,
-                "label": node.label,
-                "engine": node.engine or "kernel",
-                "started": started,
-                "ended": ended,
-                "state": kind,
-                "peak_memory": peak,
-            }
-            self.bars.append(bar)  # the charts' structures take it in when they are drawn
-        elif kind == CACHED:
-            node.outcome = event
-            stats.hits += 1
-            stats.saved += event.duration or 0.0
-        elif kind == SKIPPED:
-            node.outcome = event
         self.version += 1
 
-    def _add_node(self, event: Event) -> NodeRecord:
-        name = event.task or "?"
-        if name not in self.tasks:
-            taken = {stats.color for stats in self.tasks.values()}
-            self.tasks[name] = TaskStats(name=name, rank=len(self.tasks),
-                                         color=_run_color(name, taken))
-        node = NodeRecord(event.node, name, event.label or name, len(self.nodes),
-                          tuple(event.deps))
-        self.nodes[node.id] = node
+    def _fold(self, batch: list[Event], last: dict[str, Event] | None = None) -> None:
+        """Fold a batch of task events (no run-level ones) into the view."""
+        if last is None:
+            batch = [e for e in batch if e.node]
+            last = {e.node: e for e in batch}
+        if not batch:
+            return
+        finals = list(last.values())
+        if not {e.kind for e in finals} <= _TASK_KINDS:  # no panel shows these
+            batch = [e for e in batch if e.kind in _TASK_KINDS]
+            self._fold(batch, {e.node: e for e in batch})
+            return
+        adds = [e for e in batch if e.kind == ADDED]
+        # Times run forward along the log (and along each node's events).
+        low = min(batch[0].time, min((e.time for e in adds), default=batch[0].time))
+        high = max(e.time for e in finals)
+        if self.first_time is None or low < self.first_time:
+            self.first_time = low
+        if self.last_time is None or high > self.last_time:
+            self.last_time = high
+        if adds:
+            self._add_nodes(adds)
+            if len(adds) == len(batch):
+                return
+            if any(e.kind == ADDED for e in finals):  # a re-added node keeps its state
+                batch = [e for e in batch if e.kind != ADDED]
+                last = {e.node: e for e in batch}
+                finals = list(last.values())
+        outcomes = [e for e in batch if e.kind in FINAL_STATES]
+        if not all(last[e.node] is e for e in outcomes):
+            # A node with two outcomes in one batch (it ran again): each outcome is a bar of
+            # the timeline, so this (rare) batch is folded event by event.
+            for event in batch:
+                self._fold([event], {event.node: event})
+            return
+        unknown = [e for e in finals if e.node not in self.task_of]
+        if unknown:  # a log without the nodes' ADDED events
+            self._add_nodes(unknown)
+        runs = [e for e in batch if e.kind == RUNNING]
+        engine_of = self.engine_of
+        if runs:
+            run_ids = [e.node for e in runs]
+            self.attempts.update(run_ids)
+            self.last_start.update(zip(run_ids, runs, strict=True))
+            engine_of.update((e.node, e.engine) for e in runs if e.engine)
+            self.engines_seen.update({e.engine for e in runs if e.engine})
+        engine_of.update((e.node, e.engine) for e in finals if e.engine)
+        self.engines_seen.update({e.engine for e in finals if e.engine and e.kind != CACHED})
+        self.key_of.update((e.node, e.key) for e in finals if e.key)
+        # Counts: each changed node leaves its old state for its new one.
+        state, counts, tasks = self.state, self.counts, self.tasks
+        keys = list(last)
+        old = list(map(state.__getitem__, keys))
+        new = [e.kind for e in finals]
+        old_counts, new_counts = collections.Counter(old), collections.Counter(new)
+        for kind, n in old_counts.items():
+            counts[kind] -= n
+        for kind, n in new_counts.items():
+            counts[kind] += n
+        if len(tasks) == 1:  # the usual case of a large run: one task name
+            task_counts = next(iter(tasks.values())).counts
+            for kind, n in old_counts.items():
+                task_counts[kind] -= n
+            for kind, n in new_counts.items():
+                task_counts[kind] += n
+        else:
+            names = list(map(self.task_of.__getitem__, keys))
+            for (name, kind), n in collections.Counter(zip(names, old, strict=True)).items():
+                tasks[name].counts[kind] -= n
+            for (name, kind), n in collections.Counter(zip(names, new, strict=True)).items():
+                tasks[name].counts[kind] += n
+        state.update(zip(keys, new, strict=True))
+        # Running nodes, in the order they (last) started.
+        running = self.running
+        if RUNNING in old_counts:
+            for node_id in [k for k, s in zip(keys, old, strict=True) if s == RUNNING]:
+                del running[node_id]
+        if RUNNING in new_counts:
+            running.update(dict.fromkeys(e.node for e in runs if last[e.node] is e))
+        if outcomes:
+            self.outcome.update((e.node, e) for e in outcomes)
+            self._outcomes(outcomes)
+        self.version += 1
+
+    def _outcomes(self, events: list[Event]) -> None:
+        """Figures per task name and the timeline's bars, from new outcomes."""
+        tasks, task_of, bars = self.tasks, self.task_of, self.bars
+        for event in events:
+            kind = event.kind
+            name = task_of[event.node]
+            stats = tasks[name]
+            if kind in (DONE, FAILED):
+                began, ended = self.span(event)
+                if kind == DONE:
+                    stats.runs += 1
+                else:
+                    stats.failures += 1
+                stats.wall += event.duration if event.duration is not None else ended - began
+                peak = event.peak_memory
+                if peak is not None and peak > stats.peak:
+                    stats.peak = peak
+                # The charts' structures take it in when they are drawn (fold_bars).
+                bars.append((event.node, name, self.label_of[event.node],
+                             self.engine_of.get(event.node) or "kernel", began, ended, kind,
+                             peak))
+            elif kind == CACHED:
+                stats.hits += 1
+                stats.saved += event.duration or 0.0
+
+    def _add_nodes(self, events: list[Event]) -> None:
+        """New nodes, from their first events (ADDED ones carry their dependencies)."""
+        task_of = self.task_of
+        fresh = [e for e in events if e.node not in task_of]
+        if len(set(e.node for e in fresh)) != len(fresh):  # added twice: the first counts
+            first = {e.node: e for e in reversed(fresh)}
+            fresh = [first[node_id] for node_id in dict.fromkeys(e.node for e in fresh)]
+        if not fresh:
+            return
+        ids = [e.node for e in fresh]
+        names = [e.task or "?" for e in fresh]
+        for name in dict.fromkeys(names):
+            if name not in self.tasks:
+                taken = {stats.color for stats in self.tasks.values()}
+                self.tasks[name] = TaskStats(name=name, rank=len(self.tasks),
+                                             color=_run_color(name, taken))
+        task_of.update(zip(ids, names, strict=True))
+        self.label_of.update(zip(ids, [e.label or name for e, name in zip(fresh, names,
+                                                                          strict=True)],
+                                 strict=True))
+        self.deps_of.update((e.node, e.deps if e.kind == ADDED else ()) for e in fresh)
+        first = len(self.seq_of)
+        self.seq_of.update(zip(ids, range(first, first + len(ids)), strict=True))
+        self.state.update(dict.fromkeys(ids, ADDED))
+        self.counts[ADDED] += len(ids)
+        for name, n in collections.Counter(names).items():
+            self.tasks[name].counts[ADDED] += n
         # Depths as nodes arrive (the scheduler adds them in dependency order): a dependency
         # that is not known yet, or a node that earlier ones named as one, means a recompute.
-        depth = 0
-        for dep in node.deps:
-            known = self._depth.get(dep)
-            if known is None:
-                self._missing.add(dep)
-            elif known >= depth:
-                depth = known + 1
-        self._depth[node.id] = depth
-        if node.id in self._missing:
+        depth_of, missing = self._depth, self._missing
+        if any(e.deps for e in fresh if e.kind == ADDED):
+            for event in fresh:
+                depth = 0
+                for dep in event.deps if event.kind == ADDED else ():
+                    known = depth_of.get(dep)
+                    if known is None:
+                        missing.add(dep)
+                    elif known >= depth:
+                        depth = known + 1
+                depth_of[event.node] = depth
+        else:
+            depth_of.update(dict.fromkeys(ids, 0))
+        if missing and not missing.isdisjoint(ids):
             self._depths_stale = True
-        self.counts[ADDED] += 1
-        self.tasks[name].counts[ADDED] += 1
         self.version += 1
         self.structure_version += 1
-        return node
-
-    def _set_state(self, node: NodeRecord, state: str) -> None:
-        if node.state == RUNNING:
-            self.running.pop(node.id, None)
-        if state == RUNNING:
-            self.running[node.id] = None
-        counts = self.tasks[node.task].counts
-        self.counts[node.state] -= 1
-        counts[node.state] -= 1
-        node.state = state
-        self.counts[state] += 1
-        counts[state] += 1
 
     def fold_bars(self) -> None:
         """Bring the charts' bounded structures (timeline segments, memory samples) up to date
@@ -577,23 +674,22 @@ class RunView:
         rows, segments = self._rows, self.segments
         task_points, engine_memory = self.task_points, self.engine_memory
         for bar in itertools.islice(bars, self._charted, None):
-            engine = bar["engine"]
+            _, task, _, engine, started, ended, _, peak = bar
             row = rows.get(engine)
             if row is None:
                 row = rows[engine] = engine_short(engine)
-            segments.add(row, bar["task"], bar["started"], bar["ended"])
-            peak = bar["peak_memory"]
+            segments.add(row, task, started, ended)
             if peak is not None:
-                points = task_points.get(bar["task"])
+                points = task_points.get(task)
                 if points is None:
-                    points = task_points[bar["task"]] = EvenSample(TASK_POINTS)
+                    points = task_points[task] = EvenSample(TASK_POINTS)
                 points.add(bar, peak)
                 # The peak is the engine process's resident memory while the task ran: one
                 # sample of that engine's memory over time.
                 envelope = engine_memory.get(row)
                 if envelope is None:
                     envelope = engine_memory[row] = Envelope(ENGINE_POINTS)
-                envelope.add(bar["ended"], peak)
+                envelope.add(ended, peak)
         self._charted = len(bars)
 
     # -- derived facts -----------------------------------------------------------------------
@@ -619,7 +715,7 @@ class RunView:
                 current, expanded = stack.pop()
                 if current in depth:
                     continue
-                deps = [d for d in nodes[current].deps if d in nodes]
+                deps = [d for d in self.deps_of[current] if d in nodes]
                 if expanded:
                     on_path.discard(current)
                     depth[current] = 1 + max((depth.get(d, -1) for d in deps), default=-1)
@@ -684,8 +780,9 @@ def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[
     # holds a whole group until it commits); a task not placed yet counts as one.
     busy_engines: set[str] = set()
     unplaced = 0
+    engine_of = view.engine_of
     for node_id in view.running:
-        engine = view.nodes[node_id].engine
+        engine = engine_of.get(node_id)
         if engine:
             busy_engines.add(engine)
         else:
@@ -787,13 +884,17 @@ def _structure(
         return view._layout_cache[1]
     depths = view.depths()
     grouped = _choose_groups(view, threshold, max_nodes, expanded)
-    members: dict[str, list[NodeRecord]] = {name: [] for name in grouped}
-    visible: list[NodeRecord] = []
-    for node in view.nodes.values():
-        if node.task in grouped:
-            members[node.task].append(node)
-        else:
-            visible.append(node)
+    members: dict[str, list[str]] = {name: [] for name in grouped}  # node ids per group
+    visible: list[str] = []
+    task_of, deps_of, seq_of = view.task_of, view.deps_of, view.seq_of
+    if grouped:
+        for node_id, task in task_of.items():
+            if task in grouped:
+                members[task].append(node_id)
+            else:
+                visible.append(node_id)
+    else:
+        visible = list(task_of)
     # Members travel with their group (so the front end can expand it without a round trip to a
     # kernel that may be busy running the pipeline), smallest groups first, within a budget.
     expandable: set[str] = set()
@@ -802,7 +903,7 @@ def _structure(
         if len(members[name]) <= budget:
             expandable.add(name)
             budget -= len(members[name])
-    group_of = {node.id: node.task for name in grouped for node in members[name]}
+    group_of = {node_id: name for name in grouped for node_id in members[name]}
 
     def resolve(node_id: str) -> str:
         """The finest id the front end knows for a node: itself, or its group when not sent."""
@@ -814,27 +915,27 @@ def _structure(
         name = group_of.get(node_id)
         return node_id if name is None else GROUP_PREFIX + name
 
-    nodes = view.nodes
+    nodes = task_of
     # Deps only for the nodes the front end gets (a group too large to send has none): a run
     # of 10,000 tasks would otherwise make 10,000 lists at every change of its structure.
     sent = [*visible, *(n for name in expandable for n in members[name])]
-    deps = {n.id: list(dict.fromkeys(resolve(d) for d in n.deps if d in nodes)) for n in sent}
+    deps = {n: list(dict.fromkeys(resolve(d) for d in deps_of[n] if d in nodes)) for n in sent}
     edges: dict[tuple[str, str], None] = {}  # a dict keeps insertion order and drops duplicates
-    for node in nodes.values():
-        if not node.deps:
+    for node_id, node_deps in deps_of.items():
+        if not node_deps:
             continue
-        target = shown(node.id)
-        for dep in node.deps:
+        target = shown(node_id)
+        for dep in node_deps:
             if dep in nodes:
                 source = shown(dep)
                 if source != target:
                     edges[(source, target)] = None
-    items = [(n.id, depths[n.id], view.tasks[n.task].rank, n.seq) for n in visible]
+    items = [(n, depths[n], view.tasks[task_of[n]].rank, seq_of[n]) for n in visible]
     group_info: dict[str, dict[str, Any]] = {}
     for name in grouped:
         group = members[name]
-        depth = min(depths[n.id] for n in group)
-        seq = min(n.seq for n in group)
+        depth = min(map(depths.__getitem__, group))
+        seq = min(map(seq_of.__getitem__, group))
         group_info[name] = {"depth": depth, "seq": seq}
         items.append((GROUP_PREFIX + name, depth, view.tasks[name].rank, seq))
     positions = layout_positions(items)
@@ -874,25 +975,28 @@ def graph(
     s = _structure(view, threshold, max_nodes, max_members, expanded_set)
     depths, deps, positions = s["depths"], s["deps"], s["positions"]
 
-    def node_data(node: NodeRecord) -> dict[str, Any]:
+    task_of, label_of, state = view.task_of, view.label_of, view.state
+
+    def node_data(node_id: str) -> dict[str, Any]:
+        label = label_of[node_id]
         return {
-            "id": node.id,
-            "task": node.task,
-            "label": node.label,
-            "short": short_label(node.label),
-            "args": short_args(node.label),
-            "state": node.state,
-            "depth": depths[node.id],
-            "rank": view.tasks[node.task].rank,
-            "seq": node.seq,
-            "deps": deps[node.id],
+            "id": node_id,
+            "task": task_of[node_id],
+            "label": label,
+            "short": short_label(label),
+            "args": short_args(label),
+            "state": state[node_id],
+            "depth": depths[node_id],
+            "rank": view.tasks[task_of[node_id]].rank,
+            "seq": view.seq_of[node_id],
+            "deps": deps[node_id],
             "group": False,
         }
 
     nodes = []
-    for node in s["visible"]:
-        data = node_data(node)
-        data["col"], data["row"] = positions[node.id]
+    for node_id in s["visible"]:
+        data = node_data(node_id)
+        data["col"], data["row"] = positions[node_id]
         nodes.append(data)
     for name, group in s["members"].items():
         stats = view.tasks[name]
@@ -1041,13 +1145,12 @@ def details(
     for node_id in node_ids:
         if node_id.startswith(GROUP_PREFIX) and node_id[len(GROUP_PREFIX) :] in view.tasks:
             result[node_id] = group_details(view, node_id[len(GROUP_PREFIX) :])
-        elif node_id in view.nodes:
-            node = view.nodes[node_id]
+        elif node_id in view.state:
             # A node's details change only with its state: reuse them between refreshes.
-            stamp = (node.state, node.attempts, view.t0)
+            stamp = (view.state[node_id], view.attempts.get(node_id, 0), view.t0)
             cached = view._details_cache.get(node_id)
             if cached is None or cached[0] != stamp:
-                cached = (stamp, node_details(view, node))
+                cached = (stamp, node_details(view, view.record(node_id)))
                 view._details_cache[node_id] = cached
             result[node_id] = cached[1]
     return result
@@ -1082,18 +1185,18 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
     bars: list[dict[str, Any]] = []
     segments: list[dict[str, Any]] = []
     if count <= MAX_BARS:
-        for bar in view.bars:
+        for node_id, task, label, engine, started, ended, state, _ in view.bars:
             bars.append({
-                "node": bar["node"],
-                "task": bar["task"],
-                "label": bar["label"],
-                "engine": engine_short(bar["engine"]),
-                "host": bar["engine"],
-                "start": bar["started"] - t0,
-                "end": bar["ended"] - t0,
-                "duration": bar["ended"] - bar["started"],
-                "state": bar["state"],
-                "color": view.tasks[bar["task"]].color,
+                "node": node_id,
+                "task": task,
+                "label": label,
+                "engine": engine_short(engine),
+                "host": engine,
+                "start": started - t0,
+                "end": ended - t0,
+                "duration": ended - started,
+                "state": state,
+                "color": view.tasks[task].color,
             })
     else:
         for (engine, task), spans in view.segments.rows.items():
@@ -1104,26 +1207,28 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
     running: list[dict[str, Any]] = []
     per_row: dict[str, int] = {}
     for node_id in view.running:
-        node = view.nodes[node_id]
         # A bar needs its row: the engine, once the scheduler knows where the task runs. An
         # engine that took many tasks at once (the kernel's own executor, before a group
         # commit) shows its first few: the rest would only stack on the same row.
-        if node.running_at is not None and node.engine:
-            row = engine_short(node.engine)
+        engine = view.engine_of.get(node_id)
+        running_at = view.running_at(node_id)
+        if running_at is not None and engine:
+            row = engine_short(engine)
             per_row[row] = per_row.get(row, 0) + 1
             if per_row[row] > RUNNING_PER_ROW:
                 continue
+            task = view.task_of[node_id]
             running.append({
-                "node": node.id,
-                "task": node.task,
-                "label": node.label,
+                "node": node_id,
+                "task": task,
+                "label": view.label_of[node_id],
                 "engine": row,
-                "host": node.engine,
-                "start": node.running_at - t0,
-                "end": max(end, node.running_at) - t0,
-                "duration": max(end, node.running_at) - node.running_at,
+                "host": engine,
+                "start": running_at - t0,
+                "end": max(end, running_at) - t0,
+                "duration": max(end, running_at) - running_at,
                 "state": RUNNING,
-                "color": view.tasks[node.task].color,
+                "color": view.tasks[task].color,
             })
     engines = {engine for engine, _ in view.segments.rows} | {b["engine"] for b in running}
     return {"t0": t0, "engines": sorted(engines, key=_natural_key), "count": count,
@@ -1146,14 +1251,14 @@ def memory(source: RunView | Iterable[Event]) -> dict[str, Any]:
     points = []
     for name, sample in view.task_points.items():
         color = view.tasks[name].color
-        for bar in sample.sample():
+        for node_id, task, label, engine, _, ended, _, peak in sample.sample():
             points.append({
-                "node": bar["node"],
-                "task": bar["task"],
-                "label": bar["label"],
-                "engine": engine_short(bar["engine"]),
-                "end": bar["ended"] - t0,
-                "peak_memory": bar["peak_memory"],
+                "node": node_id,
+                "task": task,
+                "label": label,
+                "engine": engine_short(engine),
+                "end": ended - t0,
+                "peak_memory": peak,
                 "color": color,
             })
     engines = []

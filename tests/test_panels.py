@@ -182,6 +182,52 @@ def test_incremental_updates_give_the_same_panels():
         assert fn(view) == fn(whole), fn.__name__
 
 
+def _eventful_run() -> list[Event]:
+    """Retries, a node that ran twice, a re-added node, a dependency named before it was
+    added, nodes without ADDED events, several task names and engines."""
+    events = [Event(RUN_START, time=T0, info={"pipeline": "demo", "n_engines": 2}),
+              added("L", "load"), added("A", "fit", ("L", "Z")), added("B", "fit", ("L",)),
+              added("Z", "prep")]
+    events += ran("L", "load", 0.1, 0.3)
+    # A starts on engine 0, its engine dies: queued again, runs on engine 1.
+    events += [Event(QUEUED, node="A", task="fit", time=T0 + 0.3),
+               Event(RUNNING, node="A", task="fit", time=T0 + 0.3, engine="engine 0 (h:1)"),
+               Event(QUEUED, node="A", task="fit", time=T0 + 0.5, reason="retry 1"),
+               *ran("A", "fit", 0.6, 0.9, engine="engine 1 (h:2)")]
+    events += ran("Z", "prep", 0.3, 0.4, engine="engine 1 (h:2)")
+    events += ran("B", "fit", 0.4, 0.7, kind=FAILED)
+    events += [added("B", "fit", ("L",))]  # re-added: keeps its state
+    events += ran("B", "fit", 0.9, 1.1)  # and runs again: two bars
+    events += [Event(CACHED, node="M", task="more", time=T0 + 1.2, duration=2.0, key="k-M"),
+               Event(SKIPPED, node="N", task="more", time=T0 + 1.3, reason="B failed"),
+               Event(QUEUED, node="P", task="more", time=T0 + 1.3),
+               Event(RUNNING, node="P", task="more", time=T0 + 1.4, engine="engine 0 (h:1)")]
+    return events
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 1000])
+def test_any_batching_gives_the_same_panels(size: int):
+    """The bulk fold (a node visited once per batch) agrees with folding event by event."""
+    events = _eventful_run()
+    one_by_one = panels.RunView()
+    for event in events:
+        one_by_one.update([event])
+    view = panels.RunView()
+    for i in range(0, len(events), size):
+        view.update(events[i : i + size])
+    for fn in (panels.header, panels.graph, panels.details, panels.timeline, panels.memory,
+               panels.cache_stats):
+        assert fn(view) == fn(one_by_one), fn.__name__
+    h = panels.header(view)
+    assert h["counts"] == {DONE: 4, CACHED: 1, FAILED: 0, SKIPPED: 1, RUNNING: 1, QUEUED: 0,
+                           ADDED: 0}
+    assert panels.timeline(view)["count"] == 5  # B's failed attempt and its second run
+    assert view.attempts["A"] == 2 and view.attempts["B"] == 2
+    assert panels.details(view, ["A"])["A"]["rows"][-1] == ["Attempts", "2"]
+    assert panels.graph(view)["rows"] >= 1
+    assert {n["id"]: n["depth"] for n in panels.graph(view)["nodes"]}["A"] == 1
+
+
 def test_a_re_added_node_keeps_its_state():
     events = [*small_run(end=False), added("B", "fit", ("L",))]
     assert panels.header(events)["counts"][DONE] == 1
