@@ -623,8 +623,8 @@ class RunView:
         task_of = self.task_of
         fresh = [e for e in events if e.node not in task_of]
         if len(set(e.node for e in fresh)) != len(fresh):  # added twice: the first counts
-            first = {e.node: e for e in reversed(fresh)}
-            fresh = [first[node_id] for node_id in dict.fromkeys(e.node for e in fresh)]
+            firsts = {e.node: e for e in reversed(fresh)}
+            fresh = [firsts[node_id] for node_id in dict.fromkeys(e.node for e in fresh)]
         if not fresh:
             return
         ids = [e.node for e in fresh]
