@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .events import (
     ADDED,
@@ -214,6 +213,26 @@ class EvenSample:
         if self.top is None or value > self.top[0]:
             self.top = (value, item)
 
+    def add_many(self, items: list[Any], values: list[float]) -> None:
+        """``add`` of each item in turn, a stretch of items at a time."""
+        n, start = len(items), 0
+        while start < n:
+            first = start + (-self.count) % self.stride  # the next index the stride takes
+            room = self.limit + 1 - len(self.items)  # appends until the sample overflows
+            picked = items[first:n:self.stride][:room]
+            self.items.extend(picked)
+            end = n
+            if len(self.items) > self.limit:  # it overflowed at the last one picked
+                end = first + (len(picked) - 1) * self.stride + 1
+                del self.items[1::2]
+                self.stride *= 2
+            self.count += end - start
+            start = end
+        if values:
+            top = max(values)
+            if self.top is None or top > self.top[0]:
+                self.top = (top, items[values.index(top)])
+
     def sample(self) -> list[Any]:
         if self.top is None or any(item is self.top[1] for item in self.items):
             return list(self.items)
@@ -248,6 +267,21 @@ class Envelope:
                 merged.append(self.points[-1])
             self.points = merged
             self.width *= 2
+
+    def add_many(self, times: list[float], values: list[float]) -> None:
+        """``add`` of each sample in turn, a stretch at a time."""
+        n, start = len(values), 0
+        while start < n:
+            end = min(n, start + self.width - self.filled)
+            stretch = values[start:end]
+            top = max(stretch)
+            if self.pending is None or top > self.pending[1]:
+                self.pending = (times[start + stretch.index(top)], top)
+            self.filled += end - start
+            start = end
+            if self.filled == self.width:
+                self.filled -= 1  # add() completes the stretch with its last sample
+                self.add(*self.pending)
 
     def series(self) -> list[tuple[float, float]]:
         return self.points + ([self.pending] if self.pending is not None else [])
@@ -284,6 +318,38 @@ class Segments:
         else:
             row.append([start, end])
             self.count += 1
+        span = self.last - self.first
+        while self.count > self.limit and self.gap < span:
+            self.gap = max(2 * self.gap, span / self.limit)
+            self._merge()
+
+    def add_many(self, engine: str, task: str, starts: list[float], ends: list[float]) -> None:
+        """Many bars of one engine and task name: merged among themselves in one sorted pass
+        (numpy), then as ``add`` merges a bar with the row's last segment."""
+        if len(starts) < 64:
+            for start, end in zip(starts, ends, strict=True):
+                self.add(engine, task, start, end)
+            return
+        import numpy as np  # the dashboard's dependency; only a large run comes here
+
+        begin, finish = np.asarray(starts, dtype=float), np.asarray(ends, dtype=float)
+        self.first = min(self.first, float(begin.min()))
+        self.last = max(self.last, float(finish.max()))
+        gap = max(self.gap, (self.last - self.first) / 4000)
+        order = np.argsort(begin, kind="stable")
+        begin, finish = begin[order], finish[order]
+        reach = np.maximum.accumulate(finish)
+        breaks = np.flatnonzero(np.concatenate(([True], begin[1:] - reach[:-1] > gap)))
+        merged = [[a, b] for a, b in zip(begin[breaks].tolist(),
+                                          np.maximum.reduceat(finish, breaks).tolist(),
+                                          strict=True)]
+        row = self.rows.setdefault((engine, task), [])
+        if row and merged[0][0] - row[-1][1] <= gap:
+            head = merged.pop(0)
+            row[-1][0] = min(row[-1][0], head[0])
+            row[-1][1] = max(row[-1][1], head[1])
+        row.extend(merged)
+        self.count += len(merged)
         span = self.last - self.first
         while self.count > self.limit and self.gap < span:
             self.gap = max(2 * self.gap, span / self.limit)
@@ -594,27 +660,48 @@ class RunView:
         self.version += 1
 
     def _outcomes(self, events: list[Event]) -> None:
-        """Figures per task name and the timeline's bars, from new outcomes."""
-        tasks, task_of, bars = self.tasks, self.task_of, self.bars
-        for event in events:
-            kind = event.kind
-            name = task_of[event.node]
-            stats = tasks[name]
-            if kind in (DONE, FAILED):
-                began, ended = self.span(event)
-                if kind == DONE:
-                    stats.runs += 1
-                else:
-                    stats.failures += 1
-                stats.wall += event.duration if event.duration is not None else ended - began
-                peak = event.peak_memory
+        """Figures per task name and the timeline's bars, from new outcomes (in log order)."""
+        tasks, task_of = self.tasks, self.task_of
+        executed = [e for e in events if e.kind in (DONE, FAILED)]
+        if executed:
+            ids = [e.node for e in executed]
+            given_ends = [e.ended for e in executed]
+            given_starts = [e.started for e in executed]
+            if None in given_starts or None in given_ends:
+                spans = [self.span(e) for e in executed]
+                starts, ends = [a for a, _ in spans], [b for _, b in spans]
+            else:
+                starts = cast("list[float]", given_starts)
+                ends = cast("list[float]", given_ends)
+            durations = [e.duration for e in executed]
+            walls = [w if w is not None else b - a
+                     for w, a, b in zip(durations, starts, ends, strict=True)] \
+                if None in durations else cast("list[float]", durations)
+            peaks = [e.peak_memory for e in executed]
+            kinds = [e.kind for e in executed]
+            names = list(map(task_of.__getitem__, ids))
+            engines = [self.engine_of.get(n) or "kernel" for n in ids]
+            # The charts' structures take them in when they are drawn (fold_bars).
+            self.bars.extend(zip(ids, names, map(self.label_of.__getitem__, ids), engines,
+                                 starts, ends, kinds, peaks, strict=True))
+            by_task: dict[str, list[int]] = {}
+            if names.count(names[0]) == len(names):
+                by_task[names[0]] = list(range(len(names)))
+            else:
+                for i, name in enumerate(names):
+                    by_task.setdefault(name, []).append(i)
+            for name, members in by_task.items():
+                stats = tasks[name]
+                done = sum(1 for i in members if kinds[i] == DONE)
+                stats.runs += done
+                stats.failures += len(members) - done
+                stats.wall = sum((walls[i] for i in members), stats.wall)
+                peak = max((p for i in members if (p := peaks[i]) is not None), default=None)
                 if peak is not None and peak > stats.peak:
                     stats.peak = peak
-                # The charts' structures take it in when they are drawn (fold_bars).
-                bars.append((event.node, name, self.label_of[event.node],
-                             self.engine_of.get(event.node) or "kernel", began, ended, kind,
-                             peak))
-            elif kind == CACHED:
+        for event in events:
+            if event.kind == CACHED:
+                stats = tasks[task_of[event.node]]
                 stats.hits += 1
                 stats.saved += event.duration or 0.0
 
@@ -667,30 +754,41 @@ class RunView:
 
     def fold_bars(self) -> None:
         """Bring the charts' bounded structures (timeline segments, memory samples) up to date
-        with the executed attempts: once per chart refresh, for the attempts new since the last."""
+        with the executed attempts: once per chart refresh, for the attempts new since the last,
+        grouped by engine and task name (a large run has few of each)."""
         bars = self.bars
         if self._charted == len(bars):
             return
-        rows, segments = self._rows, self.segments
-        task_points, engine_memory = self.task_points, self.engine_memory
-        for bar in itertools.islice(bars, self._charted, None):
-            _, task, _, engine, started, ended, _, peak = bar
-            row = rows.get(engine)
-            if row is None:
-                row = rows[engine] = engine_short(engine)
-            segments.add(row, task, started, ended)
-            if peak is not None:
-                points = task_points.get(task)
-                if points is None:
-                    points = task_points[task] = EvenSample(TASK_POINTS)
-                points.add(bar, peak)
-                # The peak is the engine process's resident memory while the task ran: one
-                # sample of that engine's memory over time.
-                envelope = engine_memory.get(row)
-                if envelope is None:
-                    envelope = engine_memory[row] = Envelope(ENGINE_POINTS)
-                envelope.add(ended, peak)
+        new = bars[self._charted :]
         self._charted = len(bars)
+        rows = self._rows
+        for engine in {bar[3] for bar in new} - rows.keys():
+            rows[engine] = engine_short(engine)
+        groups: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        first = new[0]
+        if all(bar[3] == first[3] and bar[1] == first[1] for bar in new):
+            groups[first[3], first[1]] = new
+        else:
+            for bar in new:
+                groups.setdefault((bar[3], bar[1]), []).append(bar)
+        for (engine, task), group in groups.items():
+            row = rows[engine]
+            self.segments.add_many(row, task, [bar[4] for bar in group],
+                                   [bar[5] for bar in group])
+            measured = [bar for bar in group if bar[7] is not None]
+            if not measured:
+                continue
+            peaks = [bar[7] for bar in measured]
+            points = self.task_points.get(task)
+            if points is None:
+                points = self.task_points[task] = EvenSample(TASK_POINTS)
+            points.add_many(measured, peaks)
+            # The peak is the engine process's resident memory while the task ran: samples of
+            # that engine's memory over time.
+            envelope = self.engine_memory.get(row)
+            if envelope is None:
+                envelope = self.engine_memory[row] = Envelope(ENGINE_POINTS)
+            envelope.add_many([bar[5] for bar in measured], peaks)
 
     # -- derived facts -----------------------------------------------------------------------
 

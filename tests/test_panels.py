@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -415,6 +417,37 @@ def test_chart_data_stays_bounded_and_keeps_the_peaks():
     starts = [r[0][0] for r in segments.rows.values()]
     ends = [r[-1][1] for r in segments.rows.values()]
     assert min(starts) == 0 and max(ends) == pytest.approx(99.998)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bulk_chart_structures_agree_with_one_at_a_time(seed: int):
+    """add_many of the charts' bounded structures, as the fold of a batch of bars uses them:
+    the same sample and envelope as adding one by one; segments that cover every bar."""
+    rng = random.Random(seed)
+    n, limit = rng.randint(200, 3000), rng.randint(3, 40)
+    values = [rng.choice([rng.random(), 0.5]) for _ in range(n)]
+    items = [(i,) for i in range(n)]
+    cuts = [0, *sorted(rng.sample(range(1, n), 3)), n]
+    one, many = panels.EvenSample(limit), panels.EvenSample(limit)
+    line, lines = panels.Envelope(limit), panels.Envelope(limit)
+    for item, value in zip(items, values, strict=True):
+        one.add(item, value)
+        line.add(float(item[0]), value)
+    for a, b in itertools.pairwise(cuts):
+        many.add_many(items[a:b], values[a:b])
+        lines.add_many([float(i) for i in range(a, b)], values[a:b])
+    assert (many.items, many.stride, many.count, many.top) == (one.items, one.stride,
+                                                               one.count, one.top)
+    assert many.sample() == one.sample() and len(many.sample()) <= limit + 1
+    assert (lines.points, lines.width, lines.pending) == (line.points, line.width, line.pending)
+    segments = panels.Segments(limit=limit)
+    spans = [(i * 0.01 + rng.random() * 0.005, i * 0.01 + 0.008) for i in range(n)]
+    for a, b in itertools.pairwise(cuts):
+        segments.add_many("kernel", "t", [s for s, _ in spans[a:b]],
+                          [e for _, e in spans[a:b]])
+    row = segments.rows["kernel", "t"]
+    assert segments.count == len(row) <= limit
+    assert all(any(s >= lo and e <= hi for lo, hi in row) for s, e in spans)
 
 
 def test_cache_stats_hits_runs_and_time_saved():
