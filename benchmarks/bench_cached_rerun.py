@@ -10,7 +10,9 @@ Measured per repetition (all caches filled beforehand, all files in page cache):
   the record and run phases are shown too.
 * nbindustria, verbose=1 writing its ndustria-style line per task into an io.StringIO.
 * nbindustria, verbose=0, then ``.result()`` of every handle: loading the values too, which
-  is what a joblib cached call does (it returns the value), so the fairest comparison.
+  is what a joblib cached call does (it returns the value), so the fairest comparison; and the
+  same with ``pipe.results(handles)``, which loads them together (what ``%%pipeline run`` does
+  for the values a cell binds).
 * joblib.Memory: 10,000 cached calls (each hashes its arguments and loads the value).
 * A second layer: 5,000 ``step(i)`` and 5,000 ``add(step(i), i)`` (edges: the key of ``add``
   needs its input's result digest); joblib: ``add(step(i), i)`` with both cached.
@@ -66,7 +68,9 @@ class NbiRerun:
         firsts = [t_step(i) for i in range(half)]
         return firsts + [t_add(firsts[i], i) for i in range(half)]
 
-    def run(self, verbose: int = 0, load: bool = False, expect_cached: bool = True) -> dict:
+    def run(self, verbose: int = 0, load: str = "", expect_cached: bool = True) -> dict:
+        """``load``: "" (values not loaded), "each" (``.result()`` of each), "bulk"
+        (``pipe.results``)."""
         stream = io.StringIO()
         t0 = time.perf_counter()
         pipe = Pipeline(name="bench", cache_dir=self.cache, key_dir=self.keys,
@@ -77,7 +81,7 @@ class NbiRerun:
         t2 = time.perf_counter()
         phases = {"record": t1 - t0, "run": t2 - t1}
         if load:
-            values = [h.result() for h in handles]
+            values = pipe.results(handles) if load == "bulk" else [h.result() for h in handles]
             phases["load"] = time.perf_counter() - t2
             assert values[-1] is not None
         if expect_cached and (summary.ran or summary.cached != len(handles)):
@@ -146,13 +150,15 @@ def main() -> int:
         c_verbose = Contender("nbindustria, verbose=1 (to StringIO)",
                               lambda: nbi1.run(verbose=1), teardown=nbi1.close)
         c_load = Contender("nbindustria, verbose=0, + .result() of each",
-                           lambda: nbi1.run(load=True), teardown=nbi1.close)
+                           lambda: nbi1.run(load="each"), teardown=nbi1.close)
+        c_bulk = Contender("nbindustria, verbose=0, + results() of all",
+                           lambda: nbi1.run(load="bulk"), teardown=nbi1.close)
         c_job = Contender("joblib.Memory cached calls", job1.run, teardown=gc.collect)
         c_nbi2 = Contender("2 layers: nbindustria, verbose=0", lambda: nbi2.run(),
                            teardown=nbi2.close)
         c_job2 = Contender("2 layers: joblib.Memory cached calls", job2.run,
                            teardown=gc.collect)
-        contenders = [c_nbi, c_verbose, c_load, c_job, c_nbi2, c_job2]
+        contenders = [c_nbi, c_verbose, c_load, c_bulk, c_job, c_nbi2, c_job2]
         interleave(contenders, args.repeat)
 
     per = 1e6 / n
@@ -171,6 +177,8 @@ def main() -> int:
                  c_job.median / c_verbose.median, 7.0, headline=False)
     report.ratio("nbindustria with every value loaded vs joblib, speed-up",
                  c_job.median / c_load.median, None, headline=False)
+    report.ratio("nbindustria with every value loaded by results() vs joblib, speed-up",
+                 c_job.median / c_bulk.median, None, headline=False)
     report.ratio("2 layers: nbindustria vs joblib, speed-up",
                  c_job2.median / c_nbi2.median, 7.0, headline=False)
     report.note(f"nbindustria: {us:.1f} µs per task; joblib: {c_job.median * per:.1f} µs per "

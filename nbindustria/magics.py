@@ -27,6 +27,7 @@ from . import __version__
 from .config import parse_engines
 from .errors import NbindustriaError, PipelineError
 from .events import CACHED, DONE, FAILED, FINAL_STATES, RUN_END, RUN_START, SKIPPED, Event
+from .graph import iter_handles
 from .pipeline import Pipeline, set_default_pipeline
 from .task import Handle, pop_pipeline, push_pipeline
 
@@ -349,11 +350,14 @@ class NotebookSession:
         except SyntaxError:
             mentioned = set()
         changed_names = {n for n, v in ns.items() if n not in before or before[n] is not v}
+        names = [name for name in sorted((mentioned | changed_names) & set(ns))
+                 if not _IPYTHON_NAMES.match(name)]
+        # The values come from the store in one bulk load (a cell that binds a list of 10,000
+        # results would otherwise open the store 20,000 times).
+        self.pipe.results(h for name in names for h in iter_handles(ns[name]) if h.done)
         memo: dict[int, tuple[Any, bool]] = {}
         bound = []
-        for name in sorted((mentioned | changed_names) & set(ns)):
-            if _IPYTHON_NAMES.match(name):
-                continue
+        for name in names:
             value = ns[name]
             labels = _labels_in(value)
             new, changed = _resolve(value, memo)

@@ -191,12 +191,11 @@ class Handle(Generic[R]):
 
     def result(self) -> R:
         """The value: loaded from the store once, then kept while the call's key stays."""
-        if self._value is _UNSET or self._value_key != self.key or not self.done:
+        if not self._kept:
             # A value is only ever the one of the current key: a later run may have resolved
             # this call to another entry (an edit, or an edit reverted: a cache hit).
             self._value = _UNSET
-            value = self.pipeline.result_of(self)
-            self._value, self._value_key = value, self.key
+            self._keep(self.pipeline.result_of(self))
         return self._value
 
     @property
@@ -205,6 +204,15 @@ class Handle(Generic[R]):
 
     def _forget_value(self) -> None:
         self._value = _UNSET
+
+    @property
+    def _kept(self) -> bool:
+        """Whether ``result()`` would return a value held here, without loading it."""
+        return self._value is not _UNSET and self._value_key == self.key and self.done
+
+    def _keep(self, value: Any) -> None:
+        """Hold a value loaded for the current key (by a bulk load: ``Pipeline.results``)."""
+        self._value, self._value_key = value, self.key
 
     def __repr__(self) -> str:
         return f"<Handle {self.label} [{self.state}]>"

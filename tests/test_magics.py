@@ -197,6 +197,19 @@ def test_run_cell_binds_values_in_containers_and_reruns_as_hits(kernel: Kernel) 
     second = kernel.ok(cell)
     assert second.ran("") == 0 and second.hits("a_") == 6
     assert "ran 0, cached 6" in second.stdout
+    # The values a cell binds come from the store in one bulk load, not one load each.
+    kernel.ok("""
+        from nbindustria import default_pipeline
+        _store, _loads = default_pipeline().store, []
+        _real_load = _store.load
+        _store.load = lambda key, **kw: (_loads.append(key), _real_load(key, **kw))[1]
+        """)
+    kernel.ok("""
+        %%pipeline run
+        more = [a_fit(df, alpha=a) for a in (3.0, 4.0, 5.0)]
+        """)
+    assert kernel.ok("print(more, len(_loads)); _store.load = _real_load").stdout.strip() == \
+        "[18.0, 24.0, 30.0] 0"
 
 
 def test_editing_cells_reruns_exactly_what_reaches_the_edit(kernel: Kernel) -> None:

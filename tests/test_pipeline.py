@@ -587,6 +587,63 @@ def test_arrays_come_back_read_only_and_keep_provenance(pipe: Pipeline,
     assert counter["total"] == 2
 
 
+def test_results_of_many_calls_load_together(pipe: Pipeline, counter: Counter,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    @pipe.task
+    def square(i: int) -> dict[str, int]:
+        counter.hit("square")
+        return {"i": i, "sq": i * i}
+
+    @pipe.task
+    def ramp(n: int) -> np.ndarray:
+        counter.hit("ramp")
+        return np.arange(float(n))
+
+    handles = [square(i) for i in range(50)]
+    pipe.run()
+    later = square(50)  # not run yet: results() runs it first
+    big = ramp(300_000)  # a file of its own: loaded one by one
+    one_by_one: list[str] = []
+    real_load = pipe.store.load
+
+    def counting_load(key: str, **kwargs: Any) -> Any:
+        one_by_one.append(key)
+        return real_load(key, **kwargs)
+
+    monkeypatch.setattr(pipe.store, "load", counting_load)
+    values = pipe.results([*handles, later, big, handles[0]])
+    assert values[:51] == [{"i": i, "sq": i * i} for i in range(51)]
+    np.testing.assert_array_equal(values[51], np.arange(300_000.0))
+    assert values[52] is values[0]
+    assert one_by_one == [big.key]  # every small value came from the bulk load
+    assert handles[7].result() is values[7]  # kept: no second load
+    assert one_by_one == [big.key]
+    assert counter["square"] == 51 and counter["ramp"] == 1
+    # A value of an array argument loaded in bulk keeps its provenance like one from result().
+    assert pipe.provenance_of(values[51]) is not None
+
+
+def test_results_recompute_a_damaged_entry(pipe: Pipeline, counter: Counter) -> None:
+    @pipe.task
+    def square(i: int) -> int:
+        counter.hit("square")
+        return i * i
+
+    handles = [square(i) for i in range(5)]
+    pipe.run()
+    assert handles[2].key is not None
+    path, offset, packed = pipe.store.locate(handles[2].key)
+    assert packed
+    with open(path, "r+b") as f:  # one bit of the record's signature
+        f.seek(offset + 10)
+        byte = f.read(1)
+        f.seek(offset + 10)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.warns(UserWarning, match="unusable"):
+        assert pipe.results(handles) == [0, 1, 4, 9, 16]
+    assert counter["square"] == 6  # the damaged one ran again, and only it
+
+
 def test_reasons_of_many_calls_to_run(pipe: Pipeline) -> None:
     """The reason each call runs is read from the index in bulk once many calls run; it is
     the same as read one by one."""

@@ -840,6 +840,83 @@ def test_group_commit_packs_small_results_in_one_segment(store: Store) -> None:
     assert stat.S_IMODE(segment.stat().st_mode) == 0o600
 
 
+def test_load_many_reads_small_entries_together(store: Store,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    small = {key_of(i): {"i": i, "pad": "x" * (i % 97)} for i in range(200)}
+    arrays = {key_of(500 + i): np.arange(10.0 + i) for i in range(3)}
+    big = {key_of(1000): np.arange(PACK_LIMIT // 8 + 1, dtype=np.float64)}
+    store.commit([stage_value(store.entries_dir, k, v, {})
+                  for k, v in {**small, **arrays, **big}.items()])
+    store.put(key_of(2000), "another segment")
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    values = store.load_many([*small, *arrays, *big, key_of(2000), key_of(9999)])
+    monkeypatch.undo()
+    # Each segment opened once; the big array (a file of its own) and the unknown key left out.
+    assert sorted(opened) == sorted({str(p) for p in segments(store)})
+    assert set(values) == {*small, *arrays, key_of(2000)}
+    assert all(values[k] == v for k, v in small.items())
+    assert values[key_of(2000)] == "another segment"
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(values[k], v)
+        assert not values[k].flags.writeable
+    assert store.load_many([]) == {}
+
+
+@pytest.mark.corrupts
+@pytest.mark.parametrize("kind", ["pickle", "array"])
+# (Appending or re-writing a header changes a record's size: the planted-record test covers those.)
+@pytest.mark.parametrize("how", sorted(set(DAMAGE) - TRUNCATING - {"appended", "tampered-header"}))
+def test_load_many_leaves_a_damaged_record_to_try_load(store: Store, how: str, kind: str,
+                                                       tmp_path: Path) -> None:
+    value: Any = {"a": list(range(100))} if kind == "pickle" else np.arange(100.0)
+    store.commit([stage_value(store.entries_dir, OTHER, "neighbour", {}),
+                  stage_value(store.entries_dir, KEY, value, {}),
+                  stage_value(store.entries_dir, "ef" * 16, "after", {})])
+    damage_entry(store, KEY, how, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bulk load never warns nor moves anything aside
+        values = store.load_many([OTHER, KEY, "ef" * 16])
+    assert values == {OTHER: "neighbour", "ef" * 16: "after"}
+    assert not list(store.quarantine_dir.glob("*"))
+    with pytest.warns(CorruptEntryWarning):  # the one-by-one load then deals with it
+        assert store.try_load(KEY) == (False, None)
+
+
+@pytest.mark.corrupts
+@pytest.mark.parametrize("signature", ["zeros", "random", "of-the-real-entry", "swapped-payload"])
+def test_load_many_never_unpickles_a_planted_record(store: Store, tmp_path: Path,
+                                                    signature: str) -> None:
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(CreatesAFile(str(marker)))
+    store.put(KEY, b"x" * (len(evil) + 64))
+    path, start, end, _packed = region(store, KEY)
+    if signature == "swapped-payload":  # a valid signature over a header of other bytes
+        offset = read_header(path, start)[3]
+        data = path.read_bytes()
+        swapped = evil + b"." * (end - offset - len(evil))
+        path.write_bytes(data[:offset] + swapped + data[end:])
+    else:
+        real_sig = read_header(path, start)[0]
+        sig = {"zeros": b"\0" * 32, "random": os.urandom(32), "of-the-real-entry": real_sig}
+        planted_entry(store, KEY, evil, sig[signature])
+    assert store.load_many([KEY, OTHER]) == {}
+    assert not marker.exists()
+
+
+def test_load_many_of_a_segment_gone_meanwhile(store: Store) -> None:
+    store.commit([stage_value(store.entries_dir, key_of(i), i, {}) for i in range(3)])
+    (segment,) = segments(store)
+    segment.unlink()  # rewritten by another process after the index was read, say
+    assert store.load_many([key_of(i) for i in range(3)]) == {}
+
+
 def test_delete_rewrites_the_segment_and_reindex_keeps_it_deleted(store: Store) -> None:
     store.commit([stage_value(store.entries_dir, key_of(i), i, {}) for i in range(5)])
     (first,) = segments(store)
