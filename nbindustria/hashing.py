@@ -337,7 +337,10 @@ def tree_digest(data: bytes | bytearray | memoryview) -> bytes:
     """
     view = memoryview(data).cast("B")  # slices of a view copy nothing
     chunks = [view[i:i + _TREE_CHUNK] for i in range(0, view.nbytes, _TREE_CHUNK)]
-    digests = _hash_pool().map(xxhash.xxh3_128_digest, chunks)
+    try:
+        digests = list(_hash_pool().map(xxhash.xxh3_128_digest, chunks))
+    except RuntimeError:  # no new threads while the interpreter shuts down: the same, serially
+        digests = [xxhash.xxh3_128_digest(chunk) for chunk in chunks]
     return xxhash.xxh3_128_digest(b"".join(digests))
 
 

@@ -230,6 +230,22 @@ def test_tree_hash_in_a_forked_child() -> None:
     assert out[0].decode() == parent
 
 
+def test_tree_hash_while_the_interpreter_exits() -> None:
+    # atexit hooks (a pipeline closed at exit, say) run after the thread pools are shut down:
+    # hashing a big value there must still work, serially, and give the same token.
+    script = """if True:
+        import atexit, numpy as np
+        from nbindustria.hashing import tokenize
+        a = np.arange(3 * (8 << 20) // 8, dtype=np.float64)
+        first = tokenize(a)
+        atexit.register(lambda: print("same token at exit:", tokenize(a) == first))
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(TESTS.parent)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "same token at exit: True", done.stderr
+
+
 def test_numpy_scalars_and_structured_arrays() -> None:
     assert tokenize(np.float32(1.5)) != tokenize(np.float64(1.5))
     assert tokenize(np.int8(3)) == tokenize(np.int8(3))
