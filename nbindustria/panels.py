@@ -213,7 +213,7 @@ class EvenSample:
         if self.top is None or value > self.top[0]:
             self.top = (value, item)
 
-    def add_many(self, items: list[Any], values: list[float]) -> None:
+    def add_many(self, items: list[Any], values: Sequence[float]) -> None:
         """``add`` of each item in turn, a stretch of items at a time."""
         n, start = len(items), 0
         while start < n:
@@ -268,7 +268,7 @@ class Envelope:
             self.points = merged
             self.width *= 2
 
-    def add_many(self, times: list[float], values: list[float]) -> None:
+    def add_many(self, times: list[float], values: Sequence[float]) -> None:
         """``add`` of each sample in turn, a stretch at a time."""
         n, start = len(values), 0
         while start < n:
@@ -366,6 +366,36 @@ class Segments:
                     merged.append([start, end])
             self.rows[key] = merged
             self.count += len(merged)
+
+
+class Bars:
+    """The executed attempts (DONE or FAILED) of a run, in the order they finished, as columns:
+    a list per field, so that 10,000 attempts are not 10,000 objects for the garbage collector
+    to count and traverse while the run goes on."""
+
+    __slots__ = ("ended", "engine", "label", "node", "peak", "started", "state", "task")
+    FIELDS = ("node", "task", "label", "engine", "started", "ended", "state", "peak")
+
+    def __init__(self) -> None:
+        self.node: list[str] = []
+        self.task: list[str] = []
+        self.label: list[str] = []
+        self.engine: list[str] = []  # the full engine text, "kernel" if unknown
+        self.started: list[float] = []
+        self.ended: list[float] = []
+        self.state: list[str] = []
+        self.peak: list[int | None] = []  # peak memory, bytes
+
+    def __len__(self) -> int:
+        return len(self.node)
+
+    def extend(self, **columns: list[Any]) -> None:
+        for name in self.FIELDS:
+            getattr(self, name).extend(columns[name])
+
+    def rows(self, start: int = 0) -> Iterable[tuple[Any, ...]]:
+        """(node, task, label, engine, started, ended, state, peak) per attempt from ``start``."""
+        return zip(*(getattr(self, name)[start:] for name in self.FIELDS), strict=True)
 
 
 @dataclass(slots=True)
@@ -487,9 +517,7 @@ class RunView:
         self.attempts: collections.Counter[str] = collections.Counter()
         self.tasks: dict[str, TaskStats] = {}
         self.counts: dict[str, int] = dict.fromkeys(TASK_STATES, 0)
-        # One per executed attempt (DONE or FAILED), in the order they finished: (node, task,
-        # label, engine, started, ended, state, peak memory).
-        self.bars: list[tuple[Any, ...]] = []
+        self.bars = Bars()  # the executed attempts
         # What the charts draw, kept bounded as events arrive (see MAX_BARS and friends).
         self.engines_seen: set[str] = set()  # engines that ran or run a task of this run
         self.running: dict[str, None] = {}  # ids of the running nodes, in the order they started
@@ -682,8 +710,8 @@ class RunView:
             names = list(map(task_of.__getitem__, ids))
             engines = [self.engine_of.get(n) or "kernel" for n in ids]
             # The charts' structures take them in when they are drawn (fold_bars).
-            self.bars.extend(zip(ids, names, map(self.label_of.__getitem__, ids), engines,
-                                 starts, ends, kinds, peaks, strict=True))
+            self.bars.extend(node=ids, task=names, label=list(map(self.label_of.__getitem__, ids)),
+                             engine=engines, started=starts, ended=ends, state=kinds, peak=peaks)
             by_task: dict[str, list[int]] = {}
             if names.count(names[0]) == len(names):
                 by_task[names[0]] = list(range(len(names)))
@@ -756,39 +784,40 @@ class RunView:
         """Bring the charts' bounded structures (timeline segments, memory samples) up to date
         with the executed attempts: once per chart refresh, for the attempts new since the last,
         grouped by engine and task name (a large run has few of each)."""
-        bars = self.bars
-        if self._charted == len(bars):
+        bars, first = self.bars, self._charted
+        count = len(bars)
+        if first == count:
             return
-        new = bars[self._charted :]
-        self._charted = len(bars)
+        self._charted = count
+        engines, tasks = bars.engine[first:], bars.task[first:]
         rows = self._rows
-        for engine in {bar[3] for bar in new} - rows.keys():
+        for engine in set(engines) - rows.keys():
             rows[engine] = engine_short(engine)
-        groups: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
-        first = new[0]
-        if all(bar[3] == first[3] and bar[1] == first[1] for bar in new):
-            groups[first[3], first[1]] = new
+        groups: dict[tuple[str, str], list[int]] = {}  # bar indices per engine and task name
+        if engines.count(engines[0]) == len(engines) and tasks.count(tasks[0]) == len(tasks):
+            groups[engines[0], tasks[0]] = list(range(first, count))
         else:
-            for bar in new:
-                groups.setdefault((bar[3], bar[1]), []).append(bar)
-        for (engine, task), group in groups.items():
+            for i, key in enumerate(zip(engines, tasks, strict=True), first):
+                groups.setdefault(key, []).append(i)
+        started, ended, peaks = bars.started, bars.ended, bars.peak
+        for (engine, task), members in groups.items():
             row = rows[engine]
-            self.segments.add_many(row, task, [bar[4] for bar in group],
-                                   [bar[5] for bar in group])
-            measured = [bar for bar in group if bar[7] is not None]
+            self.segments.add_many(row, task, [started[i] for i in members],
+                                   [ended[i] for i in members])
+            measured = [i for i in members if peaks[i] is not None]
             if not measured:
                 continue
-            peaks = [bar[7] for bar in measured]
+            values = [cast(int, peaks[i]) for i in measured]
             points = self.task_points.get(task)
             if points is None:
                 points = self.task_points[task] = EvenSample(TASK_POINTS)
-            points.add_many(measured, peaks)
+            points.add_many(measured, values)  # bar indices
             # The peak is the engine process's resident memory while the task ran: samples of
             # that engine's memory over time.
             envelope = self.engine_memory.get(row)
             if envelope is None:
                 envelope = self.engine_memory[row] = Envelope(ENGINE_POINTS)
-            envelope.add_many([bar[5] for bar in measured], peaks)
+            envelope.add_many([ended[i] for i in measured], values)
 
     # -- derived facts -----------------------------------------------------------------------
 
@@ -1283,7 +1312,7 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
     bars: list[dict[str, Any]] = []
     segments: list[dict[str, Any]] = []
     if count <= MAX_BARS:
-        for node_id, task, label, engine, started, ended, state, _ in view.bars:
+        for node_id, task, label, engine, started, ended, state, _ in view.bars.rows():
             bars.append({
                 "node": node_id,
                 "task": task,
@@ -1349,7 +1378,10 @@ def memory(source: RunView | Iterable[Event]) -> dict[str, Any]:
     points = []
     for name, sample in view.task_points.items():
         color = view.tasks[name].color
-        for node_id, task, label, engine, _, ended, _, peak in sample.sample():
+        bars = view.bars
+        for i in sample.sample():
+            node_id, task, label, engine = bars.node[i], bars.task[i], bars.label[i], bars.engine[i]
+            ended, peak = bars.ended[i], bars.peak[i]
             points.append({
                 "node": node_id,
                 "task": task,
