@@ -50,6 +50,11 @@ class MissingCacheKeyError(StoreError):
     """A non-empty cache directory whose signing key is missing: never silently re-keyed."""
 
 
+class StoreFullError(StoreError):
+    """Results cannot be stored: the disk holding the cache directory is full (or over quota).
+    The run stops; what was stored before is kept, and the next run resumes from it."""
+
+
 class EngineError(NbindustriaError, RuntimeError):
     """Engines cannot be started, reached, or kept alive."""
 

@@ -37,16 +37,19 @@ Policy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import heapq
 import json
+import os
 import queue
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import HashingError, PipelineError, TaskError
+from .errors import HashingError, PipelineError, StoreError, TaskError
 from .events import (
     ADDED,
     CACHED,
@@ -72,7 +75,7 @@ from .keys import (
     encode_call,
     key_prefix,
 )
-from .store import BadEntry, IndexRow, Presence, Staged, Store
+from .store import BadEntry, IndexRow, Presence, Staged, Store, disk_error
 from .task import Handle, Task, TaskOptions
 from .worker import Input, Job, Outcome, execute, python_env
 
@@ -220,6 +223,7 @@ class Run:
         self._ready: list[tuple[float, int, str]] = []
         self._seq = 0
         self._staged: list[tuple[Staged, Handle[Any], Outcome]] = []
+        self._store_failed = False  # a commit failed: the disk is full, or the cache is gone
         self._staged_since = 0.0
         self._staged_bytes = 0
         self._commit_cost = 0.05  # seconds a group commit holds the loop (moving average)
@@ -306,9 +310,19 @@ class Run:
             self.executor.cancel_all()
             self._drain_finished()
             raise
+        except (StoreError, sqlite3.OperationalError) as exc:
+            # Results cannot be stored (a full disk): stop. Results that already arrived are
+            # still committed if they fit (below); nothing else counts as done.
+            self.executor.cancel_all()
+            self._drain_finished()
+            if isinstance(exc, StoreError):
+                raise
+            raise self._cannot_store(exc) from exc
         finally:
-            self._commit()
-            self._finish(t0)
+            try:
+                self._commit_the_rest()
+            finally:
+                self._finish(t0)
         if self.failures:
             raise PipelineError(self.failures, skipped=self.summary.skipped)
         return self.summary
@@ -667,6 +681,10 @@ class Run:
                 self._staged_bytes += len(staged.payload)
             self._staged.append((staged, handle, outcome))
             return
+        if outcome.extra.get("store_errno") in (errno.ENOSPC, errno.EDQUOT):
+            handle.state = "added"  # not the task's fault: it runs again next time
+            code = outcome.extra["store_errno"]
+            raise self._cannot_store(OSError(code, os.strerror(code)))
         if outcome.bad_input is not None:
             self._last_engine[handle.node_id] = outcome.engine
             self._redo_input(handle, *outcome.bad_input)
@@ -800,7 +818,17 @@ class Run:
                 args=_flat_json(meta.get("args", {})),
                 arg_digests=_flat_json(meta.get("arg_digests", {})),
                 upstream=_flat_json(meta.get("upstream", {}))))
-        self.store.commit([s for s, _, _ in batch], rows)
+        try:
+            self.store.commit([s for s, _, _ in batch], rows)
+        except StoreError:
+            raise  # not the disk: a staged file that is not what it claims
+        except (OSError, sqlite3.OperationalError) as exc:
+            # Nothing of the group counts as done: what reached the disk before the failure
+            # is found again by the next run (the store recovers entries it has not indexed).
+            for staged, handle, _ in batch:
+                handle.state = "added"
+                self.store.discard(staged)
+            raise self._cannot_store(exc) from exc
         ready: list[str] = []
         done: list[Event] = []
         for (staged, handle, outcome), row in zip(batch, rows, strict=True):
@@ -825,6 +853,24 @@ class Run:
         self.events.extend(done)
         self._resolve(ready)
 
+    def _commit_the_rest(self) -> None:
+        """The last group commit of a run (also of one stopped by an error)."""
+        failed_before = self._store_failed
+        try:
+            self._commit()
+        except StoreError:
+            if not failed_before:
+                raise
+            # The run is already stopping for this reason: its error says it once.
+
+    def _cannot_store(self, exc: BaseException) -> StoreError:
+        """The error that stops a run whose results cannot be written."""
+        self._store_failed = True
+        error = disk_error(self.store.path, f"cannot store results in {self.store.path}", exc)
+        error.args = (f"{error} The results stored before are kept, and the next run "
+                      "resumes from them.",)
+        return error
+
     def _drain_finished(self) -> None:
         """After an interrupt: keep every result that already arrived."""
         while True:
@@ -845,7 +891,11 @@ class Run:
             if self._hits:
                 self.store.index.add_hits(self._hits)
             if not self.dryrun:
-                self._record_history()
+                try:
+                    self._record_history()
+                except (OSError, sqlite3.OperationalError) as exc:
+                    if not self._store_failed:  # else the run's error already says why
+                        raise self._cannot_store(exc) from exc
         finally:
             self._emit(RUN_END, info={"pipeline": self.pipeline_name, "ran": self.summary.ran,
                                       "cached": self.summary.cached,

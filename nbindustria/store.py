@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import hmac
 import json
@@ -73,6 +74,7 @@ from .errors import (
     CorruptEntryWarning,
     MissingCacheKeyError,
     StoreError,
+    StoreFullError,
     UnpicklableResultError,
     UnsafeCacheDirError,
 )
@@ -668,6 +670,32 @@ _COLUMNS = [f for f in IndexRow.__dataclass_fields__]
 _row_values = operator.attrgetter(*_COLUMNS)
 
 
+# Less free space than this, after a write failed, is a full disk (SQLite reports one as an I/O
+# error when it cannot even grow its journal).
+_FULL_BELOW = 1 << 20
+
+
+def disk_full(path: str | os.PathLike[str]) -> bool:
+    """Whether the disk holding ``path`` is (nearly) full, for its user."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _FULL_BELOW
+
+
+def disk_error(path: str | os.PathLike[str], doing: str, exc: BaseException) -> StoreError:
+    """The error to raise when the cache cannot be written: StoreFullError, with what to do,
+    when its disk is full."""
+    code = getattr(exc, "errno", None)
+    what = os.strerror(code) if isinstance(code, int) else str(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT) or disk_full(path):
+        return StoreFullError(f"{doing}: the disk is full ({what}). Free space on it "
+                              "(`nbindustria gc --max-size SIZE` deletes the oldest results), "
+                              "then run again.")
+    return StoreError(f"{doing}: {what}")
+
+
 class Index:
     """SQLite metadata beside the entries. Derived data: ``rebuild`` makes it again from them."""
 
@@ -887,12 +915,17 @@ class Store:
         self.packs_dir = self.entries_dir / PACKS
         self._entries_prefix = f"{self.entries_dir}{os.sep}"
         self._crash_at = os.environ.get("NBINDUSTRIA_TEST_CRASH_AT", "")
-        _make_private_dir(self.path)
-        for sub in (self.entries_dir, self.packs_dir, self.tmp_dir, self.quarantine_dir):
-            _make_private_dir(sub)
-        self.cache_id = self._read_or_create_marker()
-        self._key = self._load_or_create_key(Path(key_dir) if key_dir else default_key_dir())
-        self.index = Index(self.path / INDEX_NAME)
+        try:
+            _make_private_dir(self.path)
+            for sub in (self.entries_dir, self.packs_dir, self.tmp_dir, self.quarantine_dir):
+                _make_private_dir(sub)
+            self.cache_id = self._read_or_create_marker()
+            self._key = self._load_or_create_key(Path(key_dir) if key_dir else default_key_dir())
+            self.index = Index(self.path / INDEX_NAME)
+        except StoreError:
+            raise
+        except (OSError, sqlite3.OperationalError) as exc:  # a full disk, above all
+            raise disk_error(self.path, f"cannot open the cache {self.path}", exc) from exc
         # Engines' part files: how many of their records still wait to be committed or dropped.
         self._parts: dict[str, int] = {}
         self._packs_seen = -1  # mtime of packs/ when its segments were last matched with the index
@@ -1664,9 +1697,14 @@ def row_from_header(key: str, hd: str, header: dict[str, Any], segment: str = ""
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(str(path.parent))

@@ -240,6 +240,7 @@ def execute(job: Job, loader: Loader = engine_loader, engine: str = "kernel",
     except OSError as exc:  # a full disk, a vanished directory: the task failed, nothing stored
         out.error_type = type(exc).__name__
         out.error_message = f"cannot write the result: {exc}"
+        out.extra["store_errno"] = exc.errno  # a full disk stops the run (the scheduler)
         out.traceback = "".join(traceback.format_exception_only(type(exc), exc))
         return out
     out.ok = True
