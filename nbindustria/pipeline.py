@@ -443,6 +443,10 @@ class _EnginesOnDemand:
         if self._real is not None:
             self._real.cancel_all()
 
+    def end_run(self) -> None:
+        if self._real is not None:
+            self._real.end_run()
+
     def poll(self) -> None:
         if self._real is not None:
             self._real.poll()

@@ -320,6 +320,9 @@ class Run:
             raise self._cannot_store(exc) from exc
         finally:
             try:
+                end_run = getattr(self.executor, "end_run", None)
+                if end_run is not None:  # engines' task loops end (dispatch.py)
+                    end_run()
                 self._commit_the_rest()
             finally:
                 self._finish(t0)
@@ -685,6 +688,12 @@ class Run:
             handle.state = "added"  # not the task's fault: it runs again next time
             code = outcome.extra["store_errno"]
             raise self._cannot_store(OSError(code, os.strerror(code)))
+        if outcome.error_type == "Withdrawn":
+            # Taken back from an engine's queue before it started (an idle engine takes it):
+            # not an attempt.
+            self._attempts[handle.node_id] -= 1
+            self._requeue(handle, handle.reason)
+            return
         if outcome.bad_input is not None:
             self._last_engine[handle.node_id] = outcome.engine
             self._redo_input(handle, *outcome.bad_input)

@@ -18,8 +18,8 @@ import tomllib
 PACKAGE = Path(__file__).parent.parent / "nbindustria"
 
 ORDER = ["errors", "config", "task", "graph", "hashing", "keys", "store", "events", "panels",
-         "dashboard", "worker", "explain", "scheduler", "reporting", "cluster", "dispatch",
-         "pipeline", "cellcache", "magics", "cli"]
+         "dashboard", "worker", "explain", "scheduler", "reporting", "cluster", "engineloop",
+         "dispatch", "pipeline", "cellcache", "magics", "cli"]
 
 
 def package_imports(path: Path) -> list[tuple[str, int]]:
