@@ -631,6 +631,8 @@ class Dashboard:
             with self._lock:
                 self._sync_charts = sync
                 self._charts_stale = True
+                # Made with the data of this moment: the next update waits its turn too.
+                self._charts_due = time.time() + CHART_INTERVAL
                 self.charts = charts
                 self.widget.children = (*self.widget.children, box)
             self._spent(time.thread_time() - began)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -480,6 +481,14 @@ class TaskStats:
     peak: int = 0  # the largest peak memory of its executed nodes, bytes
 
 
+def _update_given(facts: dict[str, str], ids: list[str], values: list[str]) -> None:
+    """``facts[id] = value`` for the values that are not empty (a fact named, not unknown)."""
+    if "" in values:
+        facts.update(itertools.compress(zip(ids, values, strict=True), values))
+    else:
+        facts.update(zip(ids, values, strict=True))
+
+
 class RunView:
     """Incremental state of one run, fed with events in log order (``update``).
 
@@ -579,13 +588,13 @@ class RunView:
         before = self.version
         batch = events if isinstance(events, list) else list(events)
         last = {e.node: e for e in batch}  # each node's last event in the batch
-        if "" in last:  # run-level events (and anything else without a node)
+        if "" in last:  # run-level events (and anything else without a node) split the batch
             begin = 0
             for i in [i for i, e in enumerate(batch) if not e.node]:
+                self._fold(batch[begin:i])
                 if batch[i].kind in (RUN_START, RUN_END):
-                    self._fold(batch[begin:i])
                     self._apply_run(batch[i])
-                    begin = i + 1
+                begin = i + 1
             self._fold(batch[begin:])
         elif batch:
             self._fold(batch, last)
@@ -605,11 +614,10 @@ class RunView:
 
     def _fold(self, batch: list[Event], last: dict[str, Event] | None = None) -> None:
         """Fold a batch of task events (no run-level ones) into the view."""
-        if last is None:
-            batch = [e for e in batch if e.node]
-            last = {e.node: e for e in batch}
         if not batch:
             return
+        if last is None:
+            last = {e.node: e for e in batch}
         finals = list(last.values())
         if not {e.kind for e in finals} <= _TASK_KINDS:  # no panel shows these
             batch = [e for e in batch if e.kind in _TASK_KINDS]
@@ -617,8 +625,8 @@ class RunView:
             return
         adds = [e for e in batch if e.kind == ADDED]
         # Times run forward along the log (and along each node's events).
-        low = min(batch[0].time, min((e.time for e in adds), default=batch[0].time))
-        high = max(e.time for e in finals)
+        low = min([batch[0].time, *[e.time for e in adds]])
+        high = max([e.time for e in finals])
         if self.first_time is None or low < self.first_time:
             self.first_time = low
         if self.last_time is None or high > self.last_time:
@@ -632,7 +640,7 @@ class RunView:
                 last = {e.node: e for e in batch}
                 finals = list(last.values())
         outcomes = [e for e in batch if e.kind in FINAL_STATES]
-        if not all(last[e.node] is e for e in outcomes):
+        if [e for e in outcomes if last[e.node] is not e]:
             # A node with two outcomes in one batch (it ran again): each outcome is a bar of
             # the timeline, so this (rare) batch is folded event by event.
             for event in batch:
@@ -642,22 +650,31 @@ class RunView:
         if unknown:  # a log without the nodes' ADDED events
             self._add_nodes(unknown)
         runs = [e for e in batch if e.kind == RUNNING]
-        engine_of = self.engine_of
+        keys = list(last)
+        new = [e.kind for e in finals]
+        new_counts = collections.Counter(new)
+        engines_seen = self.engines_seen
         if runs:
             run_ids = [e.node for e in runs]
             self.attempts.update(run_ids)
             self.last_start.update(zip(run_ids, runs, strict=True))
-            engine_of.update((e.node, e.engine) for e in runs if e.engine)
-            self.engines_seen.update({e.engine for e in runs if e.engine})
-        engine_of.update((e.node, e.engine) for e in finals if e.engine)
-        self.engines_seen.update({e.engine for e in finals if e.engine and e.kind != CACHED})
-        self.key_of.update((e.node, e.key) for e in finals if e.key)
+            run_engines = [e.engine for e in runs]
+            _update_given(self.engine_of, run_ids, run_engines)
+            engines_seen.update(run_engines)
+            engines_seen.discard("")
+        final_engines = [e.engine for e in finals]
+        _update_given(self.engine_of, keys, final_engines)
+        if CACHED in new_counts:  # a hit's engine made it in an earlier run
+            engines_seen.update([g for g, k in zip(final_engines, new, strict=True)
+                                 if k != CACHED])
+        else:
+            engines_seen.update(final_engines)
+        engines_seen.discard("")
+        _update_given(self.key_of, keys, [e.key for e in finals])
         # Counts: each changed node leaves its old state for its new one.
         state, counts, tasks = self.state, self.counts, self.tasks
-        keys = list(last)
         old = list(map(state.__getitem__, keys))
-        new = [e.kind for e in finals]
-        old_counts, new_counts = collections.Counter(old), collections.Counter(new)
+        old_counts = collections.Counter(old)
         for kind, n in old_counts.items():
             counts[kind] -= n
         for kind, n in new_counts.items():
@@ -681,9 +698,9 @@ class RunView:
             for node_id in [k for k, s in zip(keys, old, strict=True) if s == RUNNING]:
                 del running[node_id]
         if RUNNING in new_counts:
-            running.update(dict.fromkeys(e.node for e in runs if last[e.node] is e))
+            running.update(dict.fromkeys([e.node for e in runs if last[e.node] is e]))
         if outcomes:
-            self.outcome.update((e.node, e) for e in outcomes)
+            self.outcome.update(zip([e.node for e in outcomes], outcomes, strict=True))
             self._outcomes(outcomes)
         self.version += 1
 
@@ -712,48 +729,55 @@ class RunView:
             # The charts' structures take them in when they are drawn (fold_bars).
             self.bars.extend(node=ids, task=names, label=list(map(self.label_of.__getitem__, ids)),
                              engine=engines, started=starts, ended=ends, state=kinds, peak=peaks)
-            by_task: dict[str, list[int]] = {}
-            if names.count(names[0]) == len(names):
-                by_task[names[0]] = list(range(len(names)))
+            groups: dict[str, tuple[list[str], list[float], list[int | None]]] = {}
+            if names.count(names[0]) == len(names):  # one task name (a large run's usual case)
+                groups[names[0]] = (kinds, walls, peaks)
             else:
-                for i, name in enumerate(names):
-                    by_task.setdefault(name, []).append(i)
-            for name, members in by_task.items():
+                for name, kind, wall, peak in zip(names, kinds, walls, peaks, strict=True):
+                    group = groups.setdefault(name, ([], [], []))
+                    group[0].append(kind)
+                    group[1].append(wall)
+                    group[2].append(peak)
+            for name, (group_kinds, group_walls, group_peaks) in groups.items():
                 stats = tasks[name]
-                done = sum(1 for i in members if kinds[i] == DONE)
+                done = group_kinds.count(DONE)
                 stats.runs += done
-                stats.failures += len(members) - done
-                stats.wall = sum((walls[i] for i in members), stats.wall)
-                peak = max((p for i in members if (p := peaks[i]) is not None), default=None)
-                if peak is not None and peak > stats.peak:
-                    stats.peak = peak
-        for event in events:
-            if event.kind == CACHED:
-                stats = tasks[task_of[event.node]]
-                stats.hits += 1
-                stats.saved += event.duration or 0.0
+                stats.failures += len(group_kinds) - done
+                stats.wall = sum(group_walls, stats.wall)
+                measured = [p for p in group_peaks if p is not None]
+                if measured and max(measured) > stats.peak:
+                    stats.peak = max(measured)
+        for event in [e for e in events if e.kind == CACHED]:
+            stats = tasks[task_of[event.node]]
+            stats.hits += 1
+            stats.saved += event.duration or 0.0
 
     def _add_nodes(self, events: list[Event]) -> None:
         """New nodes, from their first events (ADDED ones carry their dependencies)."""
         task_of = self.task_of
         fresh = [e for e in events if e.node not in task_of]
-        if len(set(e.node for e in fresh)) != len(fresh):  # added twice: the first counts
-            firsts = {e.node: e for e in reversed(fresh)}
-            fresh = [firsts[node_id] for node_id in dict.fromkeys(e.node for e in fresh)]
         if not fresh:
             return
         ids = [e.node for e in fresh]
-        names = [e.task or "?" for e in fresh]
+        if len(set(ids)) != len(ids):  # added twice: the first counts
+            firsts = {e.node: e for e in reversed(fresh)}
+            fresh = [firsts[node_id] for node_id in dict.fromkeys(ids)]
+            ids = [e.node for e in fresh]
+        names = [e.task for e in fresh]
+        if "" in names:
+            names = [name or "?" for name in names]
         for name in dict.fromkeys(names):
             if name not in self.tasks:
                 taken = {stats.color for stats in self.tasks.values()}
                 self.tasks[name] = TaskStats(name=name, rank=len(self.tasks),
                                              color=_run_color(name, taken))
         task_of.update(zip(ids, names, strict=True))
-        self.label_of.update(zip(ids, [e.label or name for e, name in zip(fresh, names,
-                                                                          strict=True)],
-                                 strict=True))
-        self.deps_of.update((e.node, e.deps if e.kind == ADDED else ()) for e in fresh)
+        labels = [e.label for e in fresh]
+        if "" in labels:
+            labels = [label or name for label, name in zip(labels, names, strict=True)]
+        self.label_of.update(zip(ids, labels, strict=True))
+        deps = [e.deps if e.kind == ADDED else () for e in fresh]
+        self.deps_of.update(zip(ids, deps, strict=True))
         first = len(self.seq_of)
         self.seq_of.update(zip(ids, range(first, first + len(ids)), strict=True))
         self.state.update(dict.fromkeys(ids, ADDED))
@@ -763,10 +787,10 @@ class RunView:
         # Depths as nodes arrive (the scheduler adds them in dependency order): a dependency
         # that is not known yet, or a node that earlier ones named as one, means a recompute.
         depth_of, missing = self._depth, self._missing
-        if any(e.deps for e in fresh if e.kind == ADDED):
-            for event in fresh:
+        if any(deps):
+            for event, node_deps in zip(fresh, deps, strict=True):
                 depth = 0
-                for dep in event.deps if event.kind == ADDED else ():
+                for dep in node_deps:
                     known = depth_of.get(dep)
                     if known is None:
                         missing.add(dep)
