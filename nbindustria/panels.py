@@ -481,6 +481,11 @@ class TaskStats:
     peak: int = 0  # the largest peak memory of its executed nodes, bytes
 
 
+def _pick(events: list[Event], kinds: list[str], kind: str) -> list[Event]:
+    """The events of one kind (``kinds``: the kind of each event), picked in C."""
+    return list(itertools.compress(events, map(kind.__eq__, kinds)))
+
+
 def _update_given(facts: dict[str, str], ids: list[str], values: list[str]) -> None:
     """``facts[id] = value`` for the values that are not empty (a fact named, not unknown)."""
     if "" in values:
@@ -580,24 +585,24 @@ class RunView:
         """Fold events (in log order) into the view; True if anything a panel shows changed.
 
         A batch is folded in bulk: what the panels show of a node depends on its last event in
-        the batch, on how often it started running and on its outcomes, so the batch is read in
-        four comprehensions (which read each event's first fields only: a run's events are
-        too many to stay in the CPU's caches, and every pass over them costs a miss per event),
-        and the rest works on the nodes that changed. Run-level events split a batch.
+        the batch, on how often it started running and on its outcomes. The events are read in
+        two comprehensions (a run's events are too many to stay in the CPU's caches: each pass
+        over them costs a cache miss per event), their kinds picked out with C-level filters
+        over the list of kinds, and the rest works on the nodes that changed. Run-level events
+        split a batch.
         """
         before = self.version
         batch = events if isinstance(events, list) else list(events)
-        last = {e.node: e for e in batch}  # each node's last event in the batch
-        if "" in last:  # run-level events (and anything else without a node) split the batch
+        kinds = [e.kind for e in batch]
+        if RUN_START in kinds or RUN_END in kinds:
             begin = 0
-            for i in [i for i, e in enumerate(batch) if not e.node]:
-                self._fold(batch[begin:i])
-                if batch[i].kind in (RUN_START, RUN_END):
-                    self._apply_run(batch[i])
+            for i in [i for i, kind in enumerate(kinds) if kind in (RUN_START, RUN_END)]:
+                self._fold(batch[begin:i], kinds[begin:i])
+                self._apply_run(batch[i])
                 begin = i + 1
-            self._fold(batch[begin:])
+            self._fold(batch[begin:], kinds[begin:])
         elif batch:
-            self._fold(batch, last)
+            self._fold(batch, kinds)
         return self.version != before
 
     def _apply_run(self, event: Event) -> None:
@@ -612,18 +617,22 @@ class RunView:
             self.end_info = dict(event.info)
         self.version += 1
 
-    def _fold(self, batch: list[Event], last: dict[str, Event] | None = None) -> None:
+    def _fold(self, batch: list[Event], kinds: list[str]) -> None:
         """Fold a batch of task events (no run-level ones) into the view."""
         if not batch:
             return
-        if last is None:
-            last = {e.node: e for e in batch}
-        finals = list(last.values())
-        if not {e.kind for e in finals} <= _TASK_KINDS:  # no panel shows these
+        if not set(kinds) <= _TASK_KINDS:  # no panel shows these
             batch = [e for e in batch if e.kind in _TASK_KINDS]
-            self._fold(batch, {e.node: e for e in batch})
+            self._fold(batch, [e.kind for e in batch])
             return
-        adds = [e for e in batch if e.kind == ADDED]
+        last = {e.node: e for e in batch}  # each node's last event in the batch
+        if "" in last:  # task events without a node: nothing to show them on
+            batch = [e for e in batch if e.node]
+            self._fold(batch, [e.kind for e in batch])
+            return
+        finals = list(last.values())
+        new = [e.kind for e in finals]
+        adds = _pick(batch, kinds, ADDED) if ADDED in kinds else []
         # Times run forward along the log (and along each node's events).
         low = min([batch[0].time, *[e.time for e in adds]])
         high = max([e.time for e in finals])
@@ -635,23 +644,22 @@ class RunView:
             self._add_nodes(adds)
             if len(adds) == len(batch):
                 return
-            if any(e.kind == ADDED for e in finals):  # a re-added node keeps its state
+            if ADDED in new:  # a re-added node keeps its state
                 batch = [e for e in batch if e.kind != ADDED]
-                last = {e.node: e for e in batch}
-                finals = list(last.values())
-        outcomes = [e for e in batch if e.kind in FINAL_STATES]
+                self._fold(batch, [e.kind for e in batch])
+                return
+        outcomes = list(itertools.compress(batch, map(FINAL_STATES.__contains__, kinds)))
         if [e for e in outcomes if last[e.node] is not e]:
             # A node with two outcomes in one batch (it ran again): each outcome is a bar of
             # the timeline, so this (rare) batch is folded event by event.
             for event in batch:
-                self._fold([event], {event.node: event})
+                self._fold([event], [event.kind])
             return
         unknown = [e for e in finals if e.node not in self.task_of]
         if unknown:  # a log without the nodes' ADDED events
             self._add_nodes(unknown)
-        runs = [e for e in batch if e.kind == RUNNING]
+        runs = _pick(batch, kinds, RUNNING) if RUNNING in kinds else []
         keys = list(last)
-        new = [e.kind for e in finals]
         new_counts = collections.Counter(new)
         engines_seen = self.engines_seen
         if runs:
