@@ -24,6 +24,7 @@ Panels
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import re
@@ -481,17 +482,18 @@ class TaskStats:
     peak: int = 0  # the largest peak memory of its executed nodes, bytes
 
 
+def _positions(items: list[str], item: str) -> list[int]:
+    """Where ``item`` is in ``items`` (searched in C: a batch holds few run-level events)."""
+    found: list[int] = []
+    with contextlib.suppress(ValueError):
+        while True:
+            found.append(items.index(item, found[-1] + 1 if found else 0))
+    return found
+
+
 def _pick(events: list[Event], kinds: list[str], kind: str) -> list[Event]:
     """The events of one kind (``kinds``: the kind of each event), picked in C."""
     return list(itertools.compress(events, map(kind.__eq__, kinds)))
-
-
-def _update_given(facts: dict[str, str], ids: list[str], values: list[str]) -> None:
-    """``facts[id] = value`` for the values that are not empty (a fact named, not unknown)."""
-    if "" in values:
-        facts.update(itertools.compress(zip(ids, values, strict=True), values))
-    else:
-        facts.update(zip(ids, values, strict=True))
 
 
 class RunView:
@@ -522,12 +524,11 @@ class RunView:
         self.deps_of: dict[str, tuple[str, ...]] = {}
         self.seq_of: dict[str, int] = {}
         # Per node, from its events so far: state, last task event, last RUNNING event, last
-        # outcome (DONE, FAILED, CACHED or SKIPPED), last key and engine named, starts.
+        # outcome (DONE, FAILED, CACHED or SKIPPED), starts.
         self.state: dict[str, str] = {}
+        self.last_event: dict[str, Event] = {}
         self.last_start: dict[str, Event] = {}
         self.outcome: dict[str, Event] = {}
-        self.key_of: dict[str, str] = {}
-        self.engine_of: dict[str, str] = {}
         self.attempts: collections.Counter[str] = collections.Counter()
         self.tasks: dict[str, TaskStats] = {}
         self.counts: dict[str, int] = dict.fromkeys(TASK_STATES, 0)
@@ -553,6 +554,21 @@ class RunView:
         """The run's node ids (in the order they entered it), each with its task name."""
         return self.task_of
 
+    def engine(self, node_id: str) -> str:
+        """Where the node runs or ran (a cache hit: where its result was made), "" if unknown."""
+        for events in (self.last_event, self.last_start, self.outcome):
+            event = events.get(node_id)
+            if event is not None and event.engine:
+                return event.engine
+        return ""
+
+    def key(self, node_id: str) -> str:
+        for events in (self.last_event, self.outcome, self.last_start):
+            event = events.get(node_id)
+            if event is not None and event.key:
+                return event.key
+        return ""
+
     def running_at(self, node_id: str) -> float | None:
         start = self.last_start.get(node_id)
         if start is None:
@@ -575,7 +591,7 @@ class RunView:
             started, ended = self.span(outcome)
         return NodeRecord(node_id, self.task_of[node_id], self.label_of[node_id],
                           self.seq_of[node_id], self.deps_of[node_id], self.state[node_id],
-                          self.key_of.get(node_id, ""), self.engine_of.get(node_id, ""),
+                          self.key(node_id), self.engine(node_id),
                           self.running_at(node_id), started, ended,
                           self.attempts.get(node_id, 0), outcome)
 
@@ -596,7 +612,7 @@ class RunView:
         kinds = [e.kind for e in batch]
         if RUN_START in kinds or RUN_END in kinds:
             begin = 0
-            for i in [i for i, kind in enumerate(kinds) if kind in (RUN_START, RUN_END)]:
+            for i in sorted(_positions(kinds, RUN_START) + _positions(kinds, RUN_END)):
                 self._fold(batch[begin:i], kinds[begin:i])
                 self._apply_run(batch[i])
                 begin = i + 1
@@ -655,9 +671,8 @@ class RunView:
             for event in batch:
                 self._fold([event], [event.kind])
             return
-        unknown = [e for e in finals if e.node not in self.task_of]
-        if unknown:  # a log without the nodes' ADDED events
-            self._add_nodes(unknown)
+        if not last.keys() <= self.task_of.keys():  # a log without the nodes' ADDED events
+            self._add_nodes([e for e in finals if e.node not in self.task_of])
         runs = _pick(batch, kinds, RUNNING) if RUNNING in kinds else []
         keys = list(last)
         new_counts = collections.Counter(new)
@@ -666,19 +681,11 @@ class RunView:
             run_ids = [e.node for e in runs]
             self.attempts.update(run_ids)
             self.last_start.update(zip(run_ids, runs, strict=True))
-            run_engines = [e.engine for e in runs]
-            _update_given(self.engine_of, run_ids, run_engines)
-            engines_seen.update(run_engines)
-            engines_seen.discard("")
-        final_engines = [e.engine for e in finals]
-        _update_given(self.engine_of, keys, final_engines)
-        if CACHED in new_counts:  # a hit's engine made it in an earlier run
-            engines_seen.update([g for g, k in zip(final_engines, new, strict=True)
-                                 if k != CACHED])
-        else:
-            engines_seen.update(final_engines)
+            engines_seen.update({e.engine for e in runs})
+        # (A cache hit's engine made its result in an earlier run: not one of this run's.)
+        engines_seen.update({e.engine for e in outcomes if e.kind != CACHED})
         engines_seen.discard("")
-        _update_given(self.key_of, keys, [e.key for e in finals])
+        self.last_event.update(last)
         # Counts: each changed node leaves its old state for its new one.
         state, counts, tasks = self.state, self.counts, self.tasks
         old = list(map(state.__getitem__, keys))
@@ -733,7 +740,7 @@ class RunView:
             peaks = [e.peak_memory for e in executed]
             kinds = [e.kind for e in executed]
             names = list(map(task_of.__getitem__, ids))
-            engines = [self.engine_of.get(n) or "kernel" for n in ids]
+            engines = [e.engine or self.engine(e.node) or "kernel" for e in executed]
             # The charts' structures take them in when they are drawn (fold_bars).
             self.bars.extend(node=ids, task=names, label=list(map(self.label_of.__getitem__, ids)),
                              engine=engines, started=starts, ended=ends, state=kinds, peak=peaks)
@@ -939,9 +946,8 @@ def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[
     # holds a whole group until it commits); a task not placed yet counts as one.
     busy_engines: set[str] = set()
     unplaced = 0
-    engine_of = view.engine_of
     for node_id in view.running:
-        engine = engine_of.get(node_id)
+        engine = view.engine(node_id)
         if engine:
             busy_engines.add(engine)
         else:
@@ -1369,7 +1375,7 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
         # A bar needs its row: the engine, once the scheduler knows where the task runs. An
         # engine that took many tasks at once (the kernel's own executor, before a group
         # commit) shows its first few: the rest would only stack on the same row.
-        engine = view.engine_of.get(node_id)
+        engine = view.engine(node_id)
         running_at = view.running_at(node_id)
         if running_at is not None and engine:
             row = engine_short(engine)
