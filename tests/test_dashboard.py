@@ -126,6 +126,14 @@ def test_a_large_run_draws_bounded_segments():
     assert layout["annotations"][0]["text"].startswith("<b>Timeline</b> · 3000 tasks ran on 2")
     markers = [t for t in traces if t["xaxis"] == "x2" and t["mode"] == "markers"]
     assert sum(len(t["x"]) for t in markers) <= 2 * (panels.TASK_POINTS + 1)
+    # The live widget's figure skips plotly's validation: what it is given is validated here.
+    import plotly.graph_objects as go
+
+    from nbindustria.dashboard import _packed
+
+    packed = [_packed(t) for t in traces]
+    assert any(not isinstance(t["x"], list) for t in packed)  # long numbers go as arrays
+    go.Figure(data=packed, layout=layout)  # raises on a property plotly does not know
 
 
 def test_only_changed_traces_are_sent(finished):
