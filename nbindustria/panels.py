@@ -521,7 +521,7 @@ class RunView:
         # Per node, in the order nodes entered the run: its task name, call label, deps, order.
         self.task_of: dict[str, str] = {}
         self.label_of: dict[str, str] = {}
-        self.deps_of: dict[str, tuple[str, ...]] = {}
+        self.deps_of: dict[str, tuple[str, ...]] = {}  # only nodes with dependencies
         self.seq_of: dict[str, int] = {}
         # Per node, from its events so far: state, last task event, last RUNNING event, last
         # outcome (DONE, FAILED, CACHED or SKIPPED), starts.
@@ -590,7 +590,8 @@ class RunView:
         if outcome is not None and outcome.kind in (DONE, FAILED):
             started, ended = self.span(outcome)
         return NodeRecord(node_id, self.task_of[node_id], self.label_of[node_id],
-                          self.seq_of[node_id], self.deps_of[node_id], self.state[node_id],
+                          self.seq_of[node_id], self.deps_of.get(node_id, ()),
+                          self.state[node_id],
                           self.key(node_id), self.engine(node_id),
                           self.running_at(node_id), started, ended,
                           self.attempts.get(node_id, 0), outcome)
@@ -770,7 +771,7 @@ class RunView:
     def _add_nodes(self, events: list[Event]) -> None:
         """New nodes, from their first events (ADDED ones carry their dependencies)."""
         task_of = self.task_of
-        fresh = [e for e in events if e.node not in task_of]
+        fresh = [e for e in events if e.node not in task_of] if task_of else events
         if not fresh:
             return
         ids = [e.node for e in fresh]
@@ -792,7 +793,8 @@ class RunView:
             labels = [label or name for label, name in zip(labels, names, strict=True)]
         self.label_of.update(zip(ids, labels, strict=True))
         deps = [e.deps if e.kind == ADDED else () for e in fresh]
-        self.deps_of.update(zip(ids, deps, strict=True))
+        if any(deps):  # kept for the nodes that have some (many runs are flat)
+            self.deps_of.update([(i, d) for i, d in zip(ids, deps, strict=True) if d])
         first = len(self.seq_of)
         self.seq_of.update(zip(ids, range(first, first + len(ids)), strict=True))
         self.state.update(dict.fromkeys(ids, ADDED))
@@ -881,7 +883,7 @@ class RunView:
                 current, expanded = stack.pop()
                 if current in depth:
                     continue
-                deps = [d for d in self.deps_of[current] if d in nodes]
+                deps = [d for d in self.deps_of.get(current, ()) if d in nodes]
                 if expanded:
                     on_path.discard(current)
                     depth[current] = 1 + max((depth.get(d, -1) for d in deps), default=-1)
@@ -1084,7 +1086,8 @@ def _structure(
     # Deps only for the nodes the front end gets (a group too large to send has none): a run
     # of 10,000 tasks would otherwise make 10,000 lists at every change of its structure.
     sent = [*visible, *(n for name in expandable for n in members[name])]
-    deps = {n: list(dict.fromkeys(resolve(d) for d in deps_of[n] if d in nodes)) for n in sent}
+    deps = {n: list(dict.fromkeys(resolve(d) for d in deps_of.get(n, ()) if d in nodes))
+            for n in sent}
     edges: dict[tuple[str, str], None] = {}  # a dict keeps insertion order and drops duplicates
     for node_id, node_deps in deps_of.items():
         if not node_deps:
