@@ -624,10 +624,7 @@ class Dashboard:
             # Made with its data (plotly validates once, rather than an empty figure and then
             # its traces), outside the lock: the data are plain dicts of this moment. What
             # changes meanwhile reaches the charts at the next refresh (_charts_stale).
-            # Not validated by plotly property by property (a third of the cost): the traces
-            # and layout are ours, and checked by plotly in the tests (charts_figure).
-            charts = go.FigureWidget(data=[_packed(t) for t in traces], layout=layout,
-                                     _validate=False)
+            charts = go.FigureWidget(data=[_packed(t) for t in traces], layout=layout)
             charts._config = {"displaylogo": False, "responsive": True}
             box = widgets.Box([charts], layout=widgets.Layout(margin="10px 0 0 0"))
             box.add_class("nbi-chart")

@@ -28,7 +28,7 @@ import contextlib
 import hashlib
 import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -550,9 +550,10 @@ class RunView:
         self._details_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     @property
-    def nodes(self) -> dict[str, str]:
-        """The run's node ids (in the order they entered it), each with its task name."""
-        return self.task_of
+    def nodes(self) -> Mapping[str, NodeRecord]:
+        """Every node of the run (in the order they entered it) by id: a read-only mapping
+        whose :class:`NodeRecord` values are made when read."""
+        return _Nodes(self)
 
     def engine(self, node_id: str) -> str:
         """Where the node runs or ran (a cache hit: where its result was made), "" if unknown."""
@@ -872,7 +873,7 @@ class RunView:
         if not self._depths_stale:
             return self._depth
         depth: dict[str, int] = {}
-        nodes = self.nodes
+        nodes = self.task_of
         for start in nodes:
             if start in depth:
                 continue
@@ -896,6 +897,29 @@ class RunView:
         self._depth, self._depths_stale = depth, False
         self._missing = {d for d in self._missing if d not in nodes}
         return depth
+
+
+class _Nodes(Mapping[str, NodeRecord]):
+    """``RunView.nodes``: the view's nodes as records, made on access."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, view: RunView) -> None:
+        self._view = view
+
+    def __getitem__(self, node_id: str) -> NodeRecord:
+        if node_id not in self._view.task_of:
+            raise KeyError(node_id)
+        return self._view.record(node_id)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._view.task_of
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._view.task_of)
+
+    def __len__(self) -> int:
+        return len(self._view.task_of)
 
 
 def run_view(source: RunView | Iterable[Event]) -> RunView:
@@ -925,7 +949,7 @@ def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[
     tests; by default the last event's time, so that the result depends only on the events).
     """
     view = run_view(source)
-    total = len(view.nodes)
+    total = len(view.task_of)
     finished = _finished(view.counts)
     if view.ended is not None:
         if view.end_info.get("interrupted"):
@@ -1308,7 +1332,7 @@ def details(
     """Details per node id (``group:<name>`` for a group), for ``node_ids`` or every node."""
     view = run_view(source)
     if node_ids is None:
-        node_ids = list(view.nodes) + [GROUP_PREFIX + name for name in view.tasks]
+        node_ids = list(view.task_of) + [GROUP_PREFIX + name for name in view.tasks]
     result: dict[str, dict[str, Any]] = {}
     for node_id in node_ids:
         if node_id.startswith(GROUP_PREFIX) and node_id[len(GROUP_PREFIX) :] in view.tasks:

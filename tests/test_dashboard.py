@@ -126,7 +126,7 @@ def test_a_large_run_draws_bounded_segments():
     assert layout["annotations"][0]["text"].startswith("<b>Timeline</b> · 3000 tasks ran on 2")
     markers = [t for t in traces if t["xaxis"] == "x2" and t["mode"] == "markers"]
     assert sum(len(t["x"]) for t in markers) <= 2 * (panels.TASK_POINTS + 1)
-    # The live widget's figure skips plotly's validation: what it is given is validated here.
+    # What the live widget is given is valid for plotly, packed arrays included.
     import plotly.graph_objects as go
 
     from nbindustria.dashboard import _packed

@@ -225,6 +225,12 @@ def test_any_batching_gives_the_same_panels(size: int):
                            ADDED: 0}
     assert panels.timeline(view)["count"] == 5  # B's failed attempt and its second run
     assert view.attempts["A"] == 2 and view.attempts["B"] == 2
+    # The nodes as records, made when read (the notebooks of tests/browser read them so).
+    assert list(view.nodes) == list(one_by_one.nodes) and len(view.nodes) == 7
+    assert view.nodes["B"] == one_by_one.nodes["B"] and "Q" not in view.nodes
+    assert view.nodes["A"].engine == "engine 1 (h:2)" and view.nodes["A"].deps == ("L", "Z")
+    assert view.nodes["M"].state == CACHED and view.nodes["M"].key == "k-M"
+    assert [n.id for n in view.nodes.values() if n.state == RUNNING] == ["P"]
     assert panels.details(view, ["A"])["A"]["rows"][-1] == ["Attempts", "2"]
     assert panels.graph(view)["rows"] >= 1
     assert {n["id"]: n["depth"] for n in panels.graph(view)["nodes"]}["A"] == 1

@@ -26,6 +26,8 @@ TIMELINE_BARS = """([dash, n]) => [...dash.querySelectorAll('.js-plotly-plot')].
 ENGINE_LINES = """([dash, names]) => [...dash.querySelectorAll('.js-plotly-plot')].some(gd => gd.data
   && JSON.stringify(gd.data.filter(t => t.xaxis === 'x2' && t.mode === 'lines').map(t => t.name))
      === JSON.stringify(names))"""
+TIMELINE_TITLE = """([dash, text]) => [...dash.querySelectorAll('.js-plotly-plot')].some(
+  gd => (gd.layout.annotations || []).some(a => a.name === 'timeline' && a.text.includes(text)))"""
 CHART_TITLES = """(dash) => [...dash.querySelectorAll('.js-plotly-plot')].flatMap(
   gd => (gd.layout.annotations || []).map(a => a.name))"""
 
@@ -82,6 +84,10 @@ def check_dashboard(page: Any, dash: Any, expect: dict[str, Any]) -> None:
                            "return ['timeline', 'memory', 'cache'].every(n => t.includes(n)); }",
                            arg=dash.element_handle(), timeout=90_000)
     assert dash.locator(".js-plotly-plot .main-svg .barlayer .point").count() >= expect["bars"]
+    # The layout follows the run too (titles are relayout messages, not data): the timeline's
+    # title counts the tasks that ran.
+    ran = f"{expect['bars']} task" if expect["bars"] else "no task ran"
+    page.wait_for_function(TIMELINE_TITLE, arg=[dash.element_handle(), ran], timeout=30_000)
     # Memory over time: a line per engine that ran a task (data, then the drawn SVG paths).
     page.wait_for_function(ENGINE_LINES, arg=[dash.element_handle(), expect["engines"]],
                            timeout=30_000)
