@@ -356,6 +356,14 @@ class Engines:
         EngineError
             If the kernel itself cannot write into ``path``.
         """
+        return self.start_shared_dir_check(path, ids)()
+
+    def start_shared_dir_check(
+        self, path: str | os.PathLike[str], ids: list[int] | None = None
+    ) -> Callable[[], dict[int, bool]]:
+        """:meth:`check_shared_dir` in two steps: this sends the probe to the engines and
+        returns at once; calling what it returns waits for their answers (so the round trip
+        overlaps other work)."""
         directory = os.path.abspath(os.fspath(path))
         token = secrets.token_hex(16)
         probe = os.path.join(directory, f".nbindustria-probe-{token}")
@@ -368,18 +376,28 @@ class Engines:
                 "the directory must exist and be writable to be shared with engines"
             ) from exc
         try:
-            results = self._on_each(self.ids() if ids is None else ids, _probe_shared_dir,
-                                    probe, token)
-        finally:
+            pending, results = self._send_each(self.ids() if ids is None else ids,
+                                               _probe_shared_dir, probe, token)
+        except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(probe)
-        reach = {i: r is True for i, r in results.items()}
-        with self._lock:
-            if ids is None:
-                self._reach = dict(reach)
-            else:
-                self._reach.update(reach)
-        return reach
+            raise
+
+        def answers() -> dict[int, bool]:
+            try:
+                results.update(self._gather(pending))
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(probe)
+            reach = {i: r is True for i, r in results.items()}
+            with self._lock:
+                if ids is None:
+                    self._reach = dict(reach)
+                else:
+                    self._reach.update(reach)
+            return reach
+
+        return answers
 
     def add_engines(self, n: int, timeout: float = 90.0) -> list[int]:
         """Start ``n`` more engines in this (owned) cluster and wait for them to register.
@@ -518,18 +536,33 @@ class Engines:
         self, ids: list[int], func: Callable[..., Any], *args: Any, timeout: float = PROBE_TIMEOUT
     ) -> dict[int, Any]:
         """Run ``func(*args)`` on each engine; per id its result or the exception it raised."""
+        pending, results = self._send_each(ids, func, *args)
+        results.update(self._gather(pending, timeout))
+        return results
+
+    def _send_each(self, ids: list[int], func: Callable[..., Any], *args: Any
+                   ) -> tuple[dict[int, Any], dict[int, Any]]:
+        """Send ``func(*args)`` to each engine: (AsyncResult per id, exception per id that
+        could not be sent)."""
+        results: dict[int, Any] = {}
+        pending: dict[int, Any] = {}
         if not ids:
-            return {}
+            return pending, results
         import ipyparallel
 
         remote = _by_value(func)
-        results: dict[int, Any] = {}
-        pending = {}
         for i in ids:
             try:
                 pending[i] = self.client[i].apply_async(remote, *args)
             except (IndexError, ipyparallel.error.IPythonError) as exc:  # left meanwhile
                 results[i] = exc
+        return pending, results
+
+    def _gather(self, pending: dict[int, Any], timeout: float = PROBE_TIMEOUT
+                ) -> dict[int, Any]:
+        import ipyparallel
+
+        results: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
         for i, ar in pending.items():
             try:

@@ -47,6 +47,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -179,7 +180,13 @@ class EngineExecutor:
         self._engines: dict[int, _Engine] = {}
         self._hosts: dict[str, _Host] = {}
         self._store_tmp: str | None = None
-        self._reach_by_dir: dict[str, dict[int, bool]] = {}  # directory -> engine id -> reaches
+        # directory -> engine id -> reaches it: kept with the engines, for every executor
+        try:
+            self._reach_by_dir = _REACH.setdefault(engines, {})
+        except TypeError:  # engines that cannot be weakly referenced: kept here only
+            self._reach_by_dir = {}
+        self._reach: dict[int, bool] = {}
+        self._reach_wait: Callable[[], dict[int, bool]] | None = None  # a probe under way
         self._store: Store | None = None
         self._store_path: str | None = None
         self._pending: dict[int, list[tuple[Job, TaskOptions]]] = {}
@@ -270,6 +277,8 @@ class EngineExecutor:
                          memory=info.memory, label=f"engine {info.id} ({info.host}:{info.pid})",
                          resources=self._resources_of(info.id, info.host),
                          local=self._use_loops and info.host == self._local_host)
+        if self._reach_wait is not None:
+            self._settle_reach()
         if self._store_path is not None:
             # An engine that joins mid-run is not probed (the others are busy and answer one
             # request at a time): it reaches the store if it shares a host with one that does;
@@ -291,18 +300,31 @@ class EngineExecutor:
         self._store = store
         self._store_path = str(store.path)
         self._store_tmp = str(store.entries_dir)
+        self._reach_wait = None
         if self._share_store is False:
             reach: dict[int, bool] = {}
         else:
-            # Each engine is probed once per directory, not once per run (a probe is a round
-            # trip to every engine); one that fails to read the store later stops sharing it.
+            # Each engine is probed once per directory (for as long as the engines are
+            # connected), not once per run: a probe is a round trip to every engine, and it is
+            # sent now but waited for only when the first job is placed (keys are computed
+            # meanwhile). One that fails to read the store later stops sharing it.
             reach = self._reach_by_dir.setdefault(self._store_tmp, {})
             todo = [e.id for e in self._engines.values() if e.alive and e.id not in reach]
             if todo:
-                reach.update(self.engines.check_shared_dir(self._store_tmp, todo))
-        for engine in self._engines.values():
-            engine.reaches_store = bool(reach.get(engine.id))
+                self._reach_wait = self.engines.start_shared_dir_check(self._store_tmp, todo)
+        self._reach = reach
+        self._settle_reach(wait=False)
         return self._store_tmp
+
+    def _settle_reach(self, wait: bool = True) -> None:
+        """Which engines share the store, once the probe sent at the start of the run has
+        answered (``wait=False``: from what is known so far)."""
+        probe = self._reach_wait
+        if probe is not None and wait:
+            self._reach_wait = None
+            self._reach.update(probe())
+        for engine in self._engines.values():
+            engine.reaches_store = bool(self._reach.get(engine.id))
 
     def poll(self) -> None:
         now = time.monotonic()
@@ -431,6 +453,8 @@ class EngineExecutor:
                expected: float = UNKNOWN, placed: Callable[[str], None] | None = None,
                ) -> None:
         self._report = report
+        if self._reach_wait is not None:
+            self._settle_reach()
         known = expected != UNKNOWN
         expected = self._expected(options, expected)
         short = expected < SHORT_TASK
@@ -710,6 +734,8 @@ class EngineExecutor:
 
     def end_run(self) -> None:
         """The run ended: stop the task loops (their engines answer other requests again)."""
+        if self._reach_wait is not None:  # no job was placed: take the probe's answers now
+            self._settle_reach()
         channel, self._channel = self._channel, None
         for engine in self._engines.values():
             engine.loop = None
@@ -763,6 +789,8 @@ class EngineExecutor:
     def engine_table(self) -> list[dict[str, Any]]:
         """One row per engine for people (``%pipeline engines``): id, host, pid, MPI rank,
         state, tasks done, whether it reaches the store."""
+        if self._reach_wait is not None:
+            self._settle_reach()
         ranks = {info.id: info.mpi_rank for info in self.engines.info()} \
             if self.n_engines else {}
         return [{"id": e.id, "host": e.host, "pid": e.pid, "mpi_rank": ranks.get(e.id),
@@ -847,6 +875,9 @@ def _pickle_jobs(jobs: list[tuple[str, Job]]) -> bytes:
 
 
 _BLOBS: dict[int, tuple[Any, bytes, str]] = {}
+# Per set of engines: directory -> engine id -> whether it reaches it (probed once).
+_REACH: weakref.WeakKeyDictionary[Engines, dict[str, dict[int, bool]]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _function_blob(func: Any) -> tuple[bytes, str]:

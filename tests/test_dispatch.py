@@ -241,6 +241,9 @@ def test_pipeline_runs_on_mpi_engines_started_by_ipcluster(tmp_path, monkeypatch
     subprocess.run([*ipcluster, "start", "--engines=MPI", "-n", "2", "--profile=nbi-mpi",
                     "--daemonize"], check=True, stdout=log, stderr=log)
     try:
+        # Both ranks registered before the run (a connection waits for one engine only: under
+        # load the other could register after the eight tiny tasks are done).
+        cluster_mod.connect(profile="nbi-mpi", min_engines=2, timeout=90).stop()
         pipe = Pipeline(name="mpi", cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys",
                         engines="nbi-mpi", verbose=0)
         rank = pipe.task(mpi_rank)
@@ -655,3 +658,38 @@ def test_engines_without_task_loops_still_run_everything(tmp_path, engines):
     assert again.run(rerun=["sleepy"]).ran == 12
     assert again.executor.loop_messages == 0
     assert [h.result() for h in handles] == list(range(12))
+
+
+def test_the_shared_dir_probe_is_made_once_per_directory_for_every_executor(tmp_path, engines,
+                                                                             monkeypatch):
+    """Whether engines reach the cache directory is asked once per directory (a round trip to
+    every engine), kept with the engines for later executors, and never leaves its probe file
+    behind, also when no job is placed."""
+    probes: list[str] = []
+    start = engines.start_shared_dir_check
+
+    def counting(path, ids=None):
+        probes.append(str(path))
+        return start(path, ids)
+
+    monkeypatch.setattr(engines, "start_shared_dir_check", counting)
+    for i in range(2):
+        pipe = _pipe(tmp_path, engines)
+        task = pipe.task(sleepy)
+        handles = [task(j, 0.06) for j in range(4)]
+        summary = pipe.run(rerun=["sleepy"] if i else ())
+        assert summary.ran == 4 and [h.result() for h in handles] == list(range(4))
+        assert all(row["reaches_store"] for row in pipe.executor.engine_table())
+    assert len(probes) == 1, probes
+    # A new directory is probed; with every result cached no job is placed, and the probe's
+    # file is still removed.
+    other = tmp_path / "other"
+    first = Pipeline(name="t", cache_dir=other / "cache", key_dir=tmp_path / "keys", verbose=0)
+    first.task(noop)(1)
+    first.run()
+    again = Pipeline(name="t", cache_dir=other / "cache", key_dir=tmp_path / "keys", verbose=0)
+    again._executor = EngineExecutor(engines)
+    again.task(noop)(1)
+    assert again.run().cached == 1
+    assert len(probes) == 2
+    assert not [p for p in (other / "cache").rglob("*") if ".nbindustria-probe" in p.name]
