@@ -665,19 +665,19 @@ class Dashboard:
 
     def _ingest(self, events: list[Event]) -> None:
         """Feed the view the events of the run it follows; note when that run is over."""
-        begin = 0
-        for i, event in enumerate(events):
-            if event.kind == RUN_START:
+        kinds = [e.kind for e in events]  # read once, here and by the view
+        for i in sorted(panels.positions(kinds, RUN_START) + panels.positions(kinds, RUN_END)):
+            if kinds[i] == RUN_START:
                 if self._seen_start:  # another run began: this dashboard is its predecessor's
-                    self.view.update(events[begin:i])
+                    self.view.update(events[:i], kinds[:i])
                     self._finished = True
                     return
                 self._seen_start = True
-            elif event.kind == RUN_END:
-                self.view.update(events[begin : i + 1])
+            else:
+                self.view.update(events[: i + 1], kinds[: i + 1])
                 self._finished = True
                 return
-        self.view.update(events[begin:])
+        self.view.update(events, kinds)
 
     def _sync(self, force: bool = False) -> float:
         """Read new events and push what changed; returns the CPU seconds this thread spent

@@ -482,7 +482,7 @@ class TaskStats:
     peak: int = 0  # the largest peak memory of its executed nodes, bytes
 
 
-def _positions(items: list[str], item: str) -> list[int]:
+def positions(items: list[str], item: str) -> list[int]:
     """Where ``item`` is in ``items`` (searched in C: a batch holds few run-level events)."""
     found: list[int] = []
     with contextlib.suppress(ValueError):
@@ -599,7 +599,7 @@ class RunView:
 
     # -- feeding -----------------------------------------------------------------------------
 
-    def update(self, events: Iterable[Event]) -> bool:
+    def update(self, events: Iterable[Event], kinds: list[str] | None = None) -> bool:
         """Fold events (in log order) into the view; True if anything a panel shows changed.
 
         A batch is folded in bulk: what the panels show of a node depends on its last event in
@@ -611,10 +611,11 @@ class RunView:
         """
         before = self.version
         batch = events if isinstance(events, list) else list(events)
-        kinds = [e.kind for e in batch]
+        if kinds is None:  # (a caller that has them: the kind of each event)
+            kinds = [e.kind for e in batch]
         if RUN_START in kinds or RUN_END in kinds:
             begin = 0
-            for i in sorted(_positions(kinds, RUN_START) + _positions(kinds, RUN_END)):
+            for i in sorted(positions(kinds, RUN_START) + positions(kinds, RUN_END)):
                 self._fold(batch[begin:i], kinds[begin:i])
                 self._apply_run(batch[i])
                 begin = i + 1

@@ -233,6 +233,7 @@ def test_any_batching_gives_the_same_panels(size: int):
     assert [n.id for n in view.nodes.values() if n.state == RUNNING] == ["P"]
     assert panels.details(view, ["A"])["A"]["rows"][-1] == ["Attempts", "2"]
     assert panels.graph(view)["rows"] >= 1
+    assert panels.positions([RUN_START, DONE, RUN_END, DONE, RUN_START], RUN_START) == [0, 4]
     assert {n["id"]: n["depth"] for n in panels.graph(view)["nodes"]}["A"] == 1
 
 
