@@ -408,6 +408,10 @@ class Run:
                 keyed.append(handle)
             lookup = [h.key for h in keyed if h.key is not None and not self._forced(h)]
             present = self.store.present(lookup) if lookup else {}
+            misses = [h.node_id for h in keyed
+                      if (h.key or "") not in present and not self._forced(h)]
+            if len(misses) > 1:  # why each must run: their past rows in one query, not one each
+                self._read_previous([n for n in misses if n not in self._previous])
             next_frontier: list[str] = []
             hits: list[Event] = []
             for handle in keyed:
@@ -486,9 +490,10 @@ class Run:
         return "environment changed" if previous_key != handle.key else "entry missing"
 
     def _previous_result(self, node_id: str) -> tuple[str, str, str] | None:
-        """(key, code digest, argument digests) of the latest stored result of a call. A few
-        are read one by one; once many calls must run, the rows of every call not resolved yet
-        are read at once (one query per 900 calls instead of one per call)."""
+        """(key, code digest, argument digests) of the latest stored result of a call. The
+        misses of a level are read together when it is resolved; others (one miss at a time,
+        as along a chain) a few one by one, then the rows of every call not resolved yet at
+        once (one query per 900 calls instead of one per call)."""
         if node_id in self._previous:
             return self._previous[node_id]
         self._previous_lookups += 1
@@ -496,6 +501,11 @@ class Run:
         if self._previous_lookups > 8:
             wanted += [n for n, h in self.graph.nodes.items()
                        if h.state not in FINAL and n not in self._previous and n != node_id]
+        self._read_previous(wanted)
+        return self._previous[node_id]
+
+    def _read_previous(self, wanted: list[str]) -> None:
+        """Fill ``_previous`` for these calls (None: never stored)."""
         for start in range(0, len(wanted), 900):
             chunk = wanted[start:start + 900]
             for n in chunk:
@@ -505,7 +515,6 @@ class Run:
                     "SELECT node, key, code_digest, arg_digests FROM entries WHERE node IN "
                     f"({','.join('?' * len(chunk))}) ORDER BY created", tuple(chunk)):
                 self._previous[node] = (key, code, args)
-        return self._previous[node_id]
 
     def _loop(self) -> None:
         while True:

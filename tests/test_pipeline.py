@@ -658,7 +658,18 @@ def test_reasons_of_many_calls_to_run(pipe: Pipeline) -> None:
         return x + 2
 
     again = [pipe.task(f)(i) for i in range(30)] + [pipe.task(f)(100 + i) for i in range(20)]
+    queries: list[str] = []
+    real_execute = pipe.store.index.execute
+
+    def counting(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        queries.append(sql)
+        return real_execute(sql, params)
+
+    pipe.store.index.execute = counting  # type: ignore[method-assign]
     pipe.run()
+    pipe.store.index.execute = real_execute  # type: ignore[method-assign]
+    # One level of 50 calls to run: their past rows in one query, not one per call.
+    assert sum("arg_digests FROM entries" in q for q in queries) == 1, queries
     assert all(h.reason.startswith("code of ") and h.reason.endswith("f changed")
                for h in again[:30]), {h.reason for h in again[:30]}
     assert [h.reason for h in again[30:]] == ["never run with these arguments"] * 20
