@@ -302,8 +302,6 @@ class _Flow:
                         self.bound.discard(sub.id)
                     else:
                         self.expr(sub)
-        elif isinstance(node, (ast.Global, ast.Nonlocal)):
-            pass
         elif isinstance(node, ast.Match):
             self.expr(node.subject)
             for case in node.cases:
@@ -319,8 +317,8 @@ class _Flow:
                 self.expr(case.guard)
                 self.block(case.body)
                 self.bound = saved
-        else:  # Expr, Return, Raise, Assert, Pass, Break, Continue
-            for child in ast.iter_child_nodes(node):
+        else:  # Expr, Return, Raise, Assert, Pass, Break, Continue, Global, Nonlocal
+            for child in ast.iter_child_nodes(node):  # (Global and Nonlocal have none)
                 self.expr(child)
 
     def _annotations(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
