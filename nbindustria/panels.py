@@ -557,17 +557,18 @@ class RunView:
 
     def engine(self, node_id: str) -> str:
         """Where the node runs or ran (a cache hit: where its result was made), "" if unknown."""
-        for events in (self.last_event, self.last_start, self.outcome):
-            event = events.get(node_id)
-            if event is not None and event.engine:
-                return event.engine
-        return ""
+        return self._first(node_id, "engine", (self.last_event, self.last_start, self.outcome))
 
     def key(self, node_id: str) -> str:
-        for events in (self.last_event, self.outcome, self.last_start):
+        return self._first(node_id, "key", (self.last_event, self.outcome, self.last_start))
+
+    @staticmethod
+    def _first(node_id: str, name: str, sources: tuple[Mapping[str, Event], ...]) -> str:
+        """The first non-empty ``name`` field of the node's events in ``sources``, in order."""
+        for events in sources:
             event = events.get(node_id)
-            if event is not None and event.key:
-                return event.key
+            if event is not None and getattr(event, name):
+                return str(getattr(event, name))
         return ""
 
     def running_at(self, node_id: str) -> float | None:

@@ -525,19 +525,14 @@ def scan_segment(path: str | os.PathLike[str]) -> Iterator[Record]:
             pos = 0
             while pos + _PREAMBLE <= size:
                 try:
-                    hlen = _parse_preamble(data[pos:pos + _PREAMBLE])
-                    pad_len = _align(_PREAMBLE + hlen) - _PREAMBLE - hlen
-                    start = pos + _PREAMBLE
-                    header = _parse_header(data[start:start + hlen], hlen,
-                                           data[start + hlen:start + hlen + pad_len], pad_len)
-                    end = start + hlen + pad_len + int(header["length"])
+                    signature, header_bytes, header, payload = record_header(data, pos)
+                    end = payload + int(header["length"])
                     if end > size or int(header["length"]) < 0:
                         raise BadEntry("truncated")
                 except (BadEntry, KeyError, TypeError, ValueError):
                     pos += _ALIGN
                     continue
-                yield Record(pos, bytes(data[pos + _SIG_OFFSET:pos + _LEN_OFFSET]),
-                             bytes(data[start:start + hlen]), header, end)
+                yield Record(pos, signature, header_bytes, header, end)
                 pos = _align(end)
 
 
