@@ -8,12 +8,14 @@ a slow view never slows the run.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 # Every kind an event can have, in the order a task usually goes through them.
 RUN_START = "run-start"
@@ -29,30 +31,83 @@ RUN_END = "run-end"
 TASK_STATES = (ADDED, CACHED, QUEUED, RUNNING, DONE, FAILED, SKIPPED)
 FINAL_STATES = frozenset({CACHED, DONE, FAILED, SKIPPED})
 
+_NO_INFO: Mapping[str, object] = MappingProxyType({})
+_now = time.time
 
-@dataclass(slots=True)
+
 class Event:
-    """One state change. Fields that do not apply to a kind stay at their defaults."""
+    """One state change. Fields that do not apply to a kind stay at their defaults.
 
-    kind: str
-    node: str = ""  # node id (hex), stable for the same call
-    task: str = ""  # the task's name, e.g. "fit"
-    label: str = ""  # the call, e.g. "fit(alpha=0.1)"
-    time: float = field(default_factory=time.time)
-    index: int = -1  # position in the log, set by EventLog.append
-    deps: tuple[str, ...] = ()  # ADDED: node ids this node depends on
-    key: str = ""  # the cache key (hex) once known
-    engine: str = ""  # where it ran: "kernel" or "engine 3 (host:pid)"
-    started: float | None = None  # DONE/FAILED: wall-clock start and end on the engine
-    ended: float | None = None
-    duration: float | None = None  # DONE: wall seconds; CACHED: recorded seconds of the entry
-    cpu: float | None = None  # DONE: CPU seconds
-    peak_memory: int | None = None  # DONE: bytes
-    size: int | None = None  # DONE/CACHED: bytes on disk
-    reason: str = ""  # why it ran (DONE) or was skipped (SKIPPED)
-    error: str = ""  # FAILED: "ExcType: message"
-    traceback: str = ""  # FAILED: the traceback text where it ran
-    info: dict[str, object] = field(default_factory=dict)  # RUN_START/RUN_END: run-level facts
+    A plain class with slots and a written-out ``__init__`` rather than a dataclass: a run of
+    10,000 cached calls makes 20,000 of these, and the dataclass's default factories (a fresh
+    ``info`` dict per event) made each cost about twice as much. ``info`` defaults to a shared
+    empty mapping: readers only read it.
+    """
+
+    __slots__ = ("cpu", "deps", "duration", "ended", "engine", "error", "index", "info", "key",
+                 "kind", "label", "node", "peak_memory", "reason", "size", "started", "task",
+                 "time", "traceback")
+
+    def __init__(self, kind: str, node: str = "", task: str = "", label: str = "",
+                 time: float | None = None, index: int = -1, deps: tuple[str, ...] = (),
+                 key: str = "", engine: str = "", started: float | None = None,
+                 ended: float | None = None, duration: float | None = None,
+                 cpu: float | None = None, peak_memory: int | None = None,
+                 size: int | None = None, reason: str = "", error: str = "",
+                 traceback: str = "", info: Mapping[str, object] = _NO_INFO):
+        self.kind = kind
+        self.node = node  # node id (hex), stable for the same call
+        self.task = task  # the task's name, e.g. "fit"
+        self.label = label  # the call, e.g. "fit(alpha=0.1)"
+        self.time = _now() if time is None else time
+        self.index = index  # position in the log, set by EventLog.append
+        self.deps = deps  # ADDED: node ids this node depends on
+        self.key = key  # the cache key (hex) once known
+        self.engine = engine  # where it ran: "kernel" or "engine 3 (host:pid)"
+        self.started = started  # DONE/FAILED: wall-clock start and end on the engine
+        self.ended = ended
+        self.duration = duration  # DONE: wall seconds; CACHED: recorded seconds of the entry
+        self.cpu = cpu  # DONE: CPU seconds
+        self.peak_memory = peak_memory  # DONE: bytes
+        self.size = size  # DONE/CACHED: bytes on disk
+        self.reason = reason  # why it ran (DONE) or was skipped (SKIPPED)
+        self.error = error  # FAILED: "ExcType: message"
+        self.traceback = traceback  # FAILED: the traceback text where it ran
+        self.info = info  # RUN_START/RUN_END: run-level facts
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Event)
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable (index), like the dataclass was
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__
+                          if name != "kind" and getattr(self, name) != _DEFAULTS[name])
+        return f"Event({self.kind!r}, {shown})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = dict(zip(self.__slots__, self._fields(), strict=True))
+        state["info"] = dict(self.info)  # a mapping proxy does not pickle: a dict does
+        return _event_from_state, (state,)
+
+
+_DEFAULTS: dict[str, object] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(Event.__init__).parameters.items()
+    if name not in ("self", "kind")}
+
+
+def _event_from_state(state: dict[str, Any]) -> Event:
+    event = Event.__new__(Event)
+    for name, value in state.items():
+        setattr(event, name, value)
+    return event
 
 
 Subscriber = Callable[[Event], None]
