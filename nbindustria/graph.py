@@ -47,6 +47,11 @@ _SCALARS = frozenset({int, float, str, bool, bytes, type(None)})
 
 def direct_deps(handle: Handle[Any]) -> list[Handle[Any]]:
     """The distinct handles a call's arguments refer to, in order of first appearance."""
+    encoding = handle.encoding
+    if encoding is not None and encoding.blob is not None and not encoding.mutable:
+        # Encoded when called with no handle in its arguments, and nothing in them can change
+        # in place (the same promise that lets the key reuse this encoding): none now either.
+        return []
     found: dict[str, Handle[Any]] = {}
     for values in (handle.args, handle.kwargs.values()):
         for arg in values:
@@ -118,8 +123,7 @@ class Graph:
         node.deps = deps
         self.nodes[node.node_id] = node
         self.deps[node.node_id] = [d.node_id for d in deps]
-        self.dependents.setdefault(node.node_id, [])
-        for dep in deps:
+        for dep in deps:  # (a node nothing depends on has no entry: read with .get)
             self.dependents.setdefault(dep.node_id, []).append(node.node_id)
 
     def __len__(self) -> int:

@@ -72,6 +72,10 @@ def bind(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     """Arguments by parameter name, defaults applied. Raises a clear TypeError when the call
     does not fit the function (naming the task)."""
     names, defaults = _fast_params(task)
+    if names is not None and not kwargs and len(args) == len(names):
+        # Every parameter given by position (lengths equal: zip's strict check, which costs
+        # more than the whole dict here, has nothing to find).
+        return dict(zip(names, args))  # noqa: B905
     if names is not None and defaults is not None and len(args) <= len(names):
         # The common case, without inspect's general machinery (the same result, in the
         # signature's order); anything unusual takes the general path for its error message.
@@ -146,10 +150,12 @@ def _simple_call(arguments: dict[str, Any]) -> CallEncoding | None:
     recording many small calls), or None. The same bytes as the general path."""
     params: list[tuple[str, bytes, list[Upstream]]] = []
     handles: list[Upstream] = _NO_HANDLES
+    blob = b""  # the frames as _filled makes them, while there is no placeholder
     for name, value in arguments.items():
         scalar = scalar_encoding(value)
         if scalar is not None:
             params.append((name, scalar, _NO_HANDLES))
+            blob += _frame(name, scalar)
         elif type(value) is Handle:
             params.append((name, _LONE_HANDLE, [value]))
             handles = [*handles, value]
@@ -159,7 +165,7 @@ def _simple_call(arguments: dict[str, Any]) -> CallEncoding | None:
         return CallEncoding(params, handles, False)
     # Shared empty lists, never mutated: fewer objects per recorded call for the cyclic GC
     # to track (recording 10,000 calls is otherwise largely garbage-collector time).
-    return CallEncoding(params, _NO_HANDLES, False, b"".join(_frame(n, d) for n, d, _ in params))
+    return CallEncoding(params, _NO_HANDLES, False, blob)
 
 
 def _frame(name: str, data: bytes) -> bytes:

@@ -395,28 +395,31 @@ class Run:
     def _resolve(self, frontier: list[str]) -> None:
         """Compute keys of nodes whose inputs are all known, and look them up in batches. Hits
         unblock their dependents, which are resolved in the next round (level by level)."""
-        graph = self.graph
+        nodes = self.graph.nodes
         while frontier:
             keyed: list[Handle[Any]] = []
+            forced: set[str] = set()  # node ids that run whatever the store holds
             for node_id in frontier:
-                handle = graph.nodes[node_id]
+                handle = nodes[node_id]
                 try:
                     self._compute_key(handle)
                 except (HashingError, TypeError) as exc:
                     self._fail_now(handle, exc)
                     continue
                 keyed.append(handle)
-            lookup = [h.key for h in keyed if h.key is not None and not self._forced(h)]
-            present = self.store.present(lookup) if lookup else {}
+                if self._forced(handle):
+                    forced.add(node_id)
+            present = self.store.present(
+                [h.key for h in keyed if h.node_id not in forced and h.key is not None])
             misses = [h.node_id for h in keyed
-                      if (h.key or "") not in present and not self._forced(h)]
+                      if h.node_id in forced or h.key not in present]
             if len(misses) > 1:  # why each must run: their past rows in one query, not one each
                 self._read_previous([n for n in misses if n not in self._previous])
             next_frontier: list[str] = []
             hits: list[Event] = []
             for handle in keyed:
-                row = present.get(handle.key or "")
-                if row is not None and not self._forced(handle):
+                row = None if handle.node_id in forced else present.get(handle.key or "")
+                if row is not None:
                     hits.append(self._mark_cached(handle, row))
                     next_frontier.extend(self._unblock(handle))
                 elif self.dryrun:
@@ -445,8 +448,11 @@ class Run:
                      peak_memory=row.peak_memory, cpu=row.cpu)
 
     def _unblock(self, handle: Handle[Any]) -> list[str]:
+        dependents = self.graph.dependents.get(handle.node_id)
+        if not dependents:
+            return []
         ready = []
-        for dep_id in self.graph.dependents.get(handle.node_id, []):
+        for dep_id in dependents:
             self.waiting[dep_id] -= 1
             if self.waiting[dep_id] == 0 and self.graph.nodes[dep_id].state == "added":
                 ready.append(dep_id)

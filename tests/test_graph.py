@@ -39,6 +39,29 @@ def test_handles_nested_in_any_container(pipe: Pipeline) -> None:
     assert list(iter_handles([a, [b]])) == [a, b]
 
 
+def test_arguments_changed_after_the_call_are_walked_again(pipe: Pipeline) -> None:
+    """A call recorded with only scalars has no inputs without walking; anything that could
+    change in place (a list, a tuple holding one, a named tuple, an object) is walked when the
+    graph is made, so a handle put in it after the call is an input."""
+    leaf, node = tasks(pipe)
+    a = leaf(1)
+    Pair = collections.namedtuple("Pair", "x y")
+    scalars = node(1, 2.5, "s", None, named=True)
+    late_list: list[Any] = []
+    late_nested = (1, [])
+    late_named = Pair([], 0)
+    calls = [node(late_list), node(late_nested), node(named=late_named)]
+    late_list.append(a)
+    late_nested[1].append(a)
+    late_named.x.append(a)
+    assert direct_deps(scalars) == []
+    assert [direct_deps(c) for c in calls] == [[a], [a], [a]]
+    graph = Graph([scalars, *calls])
+    assert graph.deps[scalars.node_id] == []
+    assert all(graph.deps[c.node_id] == [a.node_id] for c in calls)
+    assert graph.dependents[a.node_id] == [c.node_id for c in calls]
+
+
 def test_order_is_topological(pipe: Pipeline) -> None:
     leaf, node = tasks(pipe)
     a, b = leaf(1), leaf(2)
