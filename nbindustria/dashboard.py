@@ -461,7 +461,7 @@ def _changed(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
 def _last_run_start(log: EventLog) -> int:
     """Index of the last run-start event in ``log`` (0 if none): where "the last run" begins."""
     start = 0
-    for event in log.since(0):
+    for event in log.since_packed(0):
         if event.kind == RUN_START:
             start = event.index
     return start
@@ -685,7 +685,7 @@ class Dashboard:
         with self._lock:
             began = time.thread_time()
             if not self._finished:
-                events = self.log.since(self._next)
+                events = self.log.since_packed(self._next)  # folded from their columns
                 if events:
                     self._next = events[-1].index + 1
                     self._ingest(events)
@@ -928,7 +928,7 @@ def write_report(events: EventLog | Iterable[Event], path: str | Path,
     """
     go = _require("plotly.graph_objects")
     if isinstance(events, EventLog):
-        events = events.since(0)
+        events = events.since_packed(0)
     view = panels.run_view(events)
     h = panels.header(view)
     graph = panels.graph(view)

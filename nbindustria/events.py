@@ -4,6 +4,18 @@ The scheduler emits one :class:`Event` per state change of a task (and one at th
 a run). Subscribers (the text log, the progress bar, the dashboard, the run history) either get a
 callback per event or pull ``log.since(index)`` at their own pace, as distributed's dashboard does:
 a slow view never slows the run.
+
+Packed events. The same change of many nodes in a row (a level's calls queued, a group commit's
+results done, tasks placed on engines) may be logged as one *packed* event: an :class:`Event`
+whose ``group`` holds, per field, a list with one value per node (``group["node"]`` always);
+fields without a list are the same for every node (the event's own). A run of 10,000 tiny tasks
+is then a few dozen log entries instead of 30,000 objects to make, lock, and fold. Packing
+changes nothing a view shows: ``event.members()`` gives the per-node events, ``log.since()``
+and plain subscribers get those; readers that fold columns (the dashboard) ask for the packed
+entries (``log.since_packed()``, ``subscribe(..., packed=True)``). A writer adds members with
+``log.pack()``; the open group is logged as one entry (one index) when anything else is
+written, when a reader pulls, or at ``log.seal()``, so the log's order is the order of the
+writer's calls.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -44,9 +56,9 @@ class Event:
     empty mapping: readers only read it.
     """
 
-    __slots__ = ("cpu", "deps", "duration", "ended", "engine", "error", "index", "info", "key",
-                 "kind", "label", "node", "peak_memory", "reason", "size", "started", "task",
-                 "time", "traceback")
+    __slots__ = ("cpu", "deps", "duration", "ended", "engine", "error", "group", "index", "info",
+                 "key", "kind", "label", "node", "peak_memory", "reason", "size", "started",
+                 "task", "time", "traceback")
 
     def __init__(self, kind: str, node: str = "", task: str = "", label: str = "",
                  time: float | None = None, index: int = -1, deps: tuple[str, ...] = (),
@@ -54,7 +66,8 @@ class Event:
                  ended: float | None = None, duration: float | None = None,
                  cpu: float | None = None, peak_memory: int | None = None,
                  size: int | None = None, reason: str = "", error: str = "",
-                 traceback: str = "", info: Mapping[str, object] = _NO_INFO):
+                 traceback: str = "", info: Mapping[str, object] = _NO_INFO,
+                 group: dict[str, list[Any]] | None = None):
         self.kind = kind
         self.node = node  # node id (hex), stable for the same call
         self.task = task  # the task's name, e.g. "fit"
@@ -74,6 +87,8 @@ class Event:
         self.error = error  # FAILED: "ExcType: message"
         self.traceback = traceback  # FAILED: the traceback text where it ran
         self.info = info  # RUN_START/RUN_END: run-level facts
+        # A packed event: field name -> one value per node, in order (module docstring).
+        self.group = group
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -96,6 +111,27 @@ class Event:
         state["info"] = dict(self.info)  # a mapping proxy does not pickle: a dict does
         return _event_from_state, (state,)
 
+    def nodes(self) -> list[str]:
+        """The node ids this event is about: its members' ids, else its own node (if any)."""
+        if self.group is not None:
+            return self.group["node"]
+        return [self.node] if self.node else []
+
+    def members(self) -> list[Event]:
+        """The per-node events a packed event stands for (in order); ``[self]`` otherwise.
+        Members share the packed event's kind, time and index."""
+        if self.group is None:
+            return [self]
+        return [self.member(i) for i in range(len(self.group["node"]))]
+
+    def member(self, i: int) -> Event:
+        """The ``i``-th member of a packed event, made when asked for."""
+        group = self.group
+        assert group is not None
+        values = {name: getattr(self, name) for name in _SHARED if name not in group}
+        values.update((name, column[i]) for name, column in group.items())
+        return Event(**values)
+
 
 _DEFAULTS: dict[str, object] = {
     name: parameter.default
@@ -110,21 +146,37 @@ def _event_from_state(state: dict[str, Any]) -> Event:
     return event
 
 
+_SHARED = tuple(name for name in Event.__slots__ if name != "group")
+
 Subscriber = Callable[[Event], None]
+
+
+def unpacked(events: Iterable[Event]) -> Iterator[Event]:
+    """Every per-node event of ``events``: packed events are replaced by their members."""
+    for event in events:
+        if event.group is None:
+            yield event
+        else:
+            yield from event.members()
 
 
 class EventLog:
     """A thread-safe, bounded log of events with a running index.
 
     ``since(i)`` returns the events with index >= i still held; a reader that fell behind by more
-    than ``maxlen`` events sees a gap (the index tells it), never a stall of the writer.
+    than ``maxlen`` entries sees a gap (the index tells it), never a stall of the writer. A packed
+    event is one entry (one index).
     """
 
     def __init__(self, maxlen: int = 200_000):
         self._events: deque[Event] = deque(maxlen=maxlen)
         self._next = 0
         self._lock = threading.Lock()
-        self._subscribers: tuple[Subscriber, ...] = ()  # replaced, never changed in place
+        # (callback, packed), replaced, never changed in place
+        self._subscribers: tuple[tuple[Subscriber, bool], ...] = ()
+        self._open: Event | None = None  # the packed event being filled by pack()
+        self._open_shape: tuple[str, tuple[str, ...]] = ("", ())
+        self._undelivered: list[Event] = []  # logged, not yet given to the subscribers
 
     def __len__(self) -> int:
         return len(self._events)
@@ -133,41 +185,105 @@ class EventLog:
     def next_index(self) -> int:
         return self._next
 
-    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Call ``callback(event)`` for every new event; returns a function that unsubscribes."""
-        self._subscribers = (*self._subscribers, callback)
+    def subscribe(self, callback: Subscriber, packed: bool = False) -> Callable[[], None]:
+        """Call ``callback(event)`` for every new event (``packed``: packed events as they are,
+        else each of their members); returns a function that unsubscribes. Callbacks run in the
+        writer's thread, in log order."""
+        entry = (callback, packed)
+        self._subscribers = (*self._subscribers, entry)
 
         def unsubscribe() -> None:
-            self._subscribers = tuple(s for s in self._subscribers if s is not callback)
+            self._subscribers = tuple(s for s in self._subscribers if s is not entry)
 
         return unsubscribe
 
     def append(self, event: Event) -> Event:
         with self._lock:
-            event.index = self._next
-            self._next += 1
-            self._events.append(event)
-        for callback in self._subscribers:
-            callback(event)
+            self._seal()
+            self._log(event)
+        self._deliver()
         return event
 
     def extend(self, events: Iterable[Event]) -> None:
         """Append many events at once (one lock for all; subscribers still see each)."""
         events = list(events)
         with self._lock:
-            for index, event in enumerate(events, self._next):
-                event.index = index
-            self._next += len(events)
-            self._events.extend(events)
+            self._seal()
+            for event in events:
+                self._log(event)
+        self._deliver()
+
+    def pack(self, kind: str, node: str, task: str, label: str, key: str = "",
+             **values: Any) -> None:
+        """Log one node's ``kind`` event as a member of a packed event: the open one if it has
+        this kind and these fields, else a new one. It is logged at the next write, pull or
+        ``seal()`` (with the time of that moment; each member keeps its own)."""
+        shape = (kind, tuple(values))
+        now = time.time()  # each member keeps the time of its change
+        with self._lock:
+            group = self._open
+            if group is None or self._open_shape != shape:
+                self._seal()
+                columns: dict[str, list[Any]] = {"node": [], "task": [], "label": [], "key": [],
+                                                 "time": []}
+                columns.update((name, []) for name in values)
+                group = self._open = Event(kind, group=columns)
+                self._open_shape = shape
+            columns = group.group  # type: ignore[assignment]
+            columns["node"].append(node)
+            columns["task"].append(task)
+            columns["label"].append(label)
+            columns["key"].append(key)
+            columns["time"].append(now)
+            for name, value in values.items():
+                columns[name].append(value)
+        if self._undelivered:  # a reader logged the open group meanwhile
+            self._deliver()
+
+    def seal(self) -> None:
+        """Log the packed event being filled now (a writer that wants it seen)."""
+        with self._lock:
+            self._seal()
+        self._deliver()
+
+    def _seal(self) -> None:  # with the lock held
+        group = self._open
+        if group is not None:
+            self._open = None
+            group.time = time.time()
+            self._log(group)
+
+    def _log(self, event: Event) -> None:  # with the lock held
+        event.index = self._next
+        self._next += 1
+        self._events.append(event)
+        if self._subscribers:
+            self._undelivered.append(event)
+
+    def _deliver(self) -> None:
+        """Give the logged events to the subscribers (in the writer's thread, in order)."""
+        if not self._undelivered:
+            return
+        with self._lock:
+            events, self._undelivered = self._undelivered, []
         subscribers = self._subscribers
         for event in events:
-            for callback in subscribers:
-                callback(event)
+            members = None
+            for callback, packed in subscribers:
+                if packed or event.group is None:
+                    callback(event)
+                else:
+                    if members is None:
+                        members = event.members()
+                    for member in members:
+                        callback(member)
 
-    def since(self, index: int = 0) -> list[Event]:
+    def since_packed(self, index: int = 0) -> list[Event]:
+        """The entries with index >= ``index``, packed events as they are (one entry each)."""
         # O(new events), not O(log): a reader polling a long log must not hold the lock (which
         # the run's append takes) while it copies events it has already read.
         with self._lock:
+            self._seal()  # what the writer packed so far is seen now
             count = min(self._next - max(index, 0), len(self._events))
             if count <= 0:
                 return []
@@ -177,15 +293,21 @@ class EventLog:
         tail.reverse()
         return tail
 
+    def since(self, index: int = 0) -> list[Event]:
+        """The events with index >= ``index``, one per node and change (packed events are
+        given as their members, which share its index)."""
+        return list(unpacked(self.since_packed(index)))
+
     def clear(self) -> None:
         with self._lock:
             self._events.clear()
+            self._open = None
 
 
 def latest_states(events: Iterable[Event]) -> dict[str, Event]:
     """The last task event per node: what each node looks like now."""
     states: dict[str, Event] = {}
-    for event in events:
+    for event in unpacked(events):
         if event.node and event.kind in TASK_STATES:
             previous = states.get(event.node)
             if event.kind == ADDED and previous is not None:

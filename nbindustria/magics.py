@@ -782,15 +782,16 @@ class _Progress:
         self.label = ipywidgets.Label("starting")
         self.counts = {"done": 0, "cached": 0, "failed": 0, "skipped": 0}
         display(ipywidgets.HBox([self.bar, self.label]))
-        self._close = events.subscribe(self._on_event)
+        self._close = events.subscribe(self._on_event, packed=True)
 
     def _on_event(self, event: Event) -> None:
         if event.kind == RUN_START:
             self.bar.max = max(1, int(str(event.info.get("tasks", 1))))
         elif event.kind in FINAL_STATES:
+            n = len(event.nodes())  # a packed event counts each of its nodes
             self.counts[{DONE: "done", CACHED: "cached", FAILED: "failed",
-                         SKIPPED: "skipped"}[event.kind]] += 1
-            self.bar.value = min(self.bar.max, self.bar.value + 1)
+                         SKIPPED: "skipped"}[event.kind]] += n
+            self.bar.value = min(self.bar.max, self.bar.value + n)
         elif event.kind == RUN_END:
             self.bar.bar_style = "danger" if self.counts["failed"] else "success"
         else:

@@ -524,7 +524,8 @@ class RunView:
         self.deps_of: dict[str, tuple[str, ...]] = {}  # only nodes with dependencies
         self.seq_of: dict[str, int] = {}
         # Per node, from its events so far: state, last task event, last RUNNING event, last
-        # outcome (DONE, FAILED, CACHED or SKIPPED), starts.
+        # outcome (DONE, FAILED, CACHED or SKIPPED), starts. A packed event (events.py) stands
+        # for each of its nodes here; ``field`` reads a node's value from it.
         self.state: dict[str, str] = {}
         self.last_event: dict[str, Event] = {}
         self.last_start: dict[str, Event] = {}
@@ -548,6 +549,8 @@ class RunView:
         self._missing: set[str] = set()  # dependencies named before they were added
         self._depths_stale = False
         self._details_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        # Per packed event held above (by id, the event kept alive with it): node -> position.
+        self._positions: dict[int, tuple[Event, dict[str, int]]] = {}
 
     @property
     def nodes(self) -> Mapping[str, NodeRecord]:
@@ -562,20 +565,41 @@ class RunView:
     def key(self, node_id: str) -> str:
         return self._first(node_id, "key", (self.last_event, self.outcome, self.last_start))
 
-    @staticmethod
-    def _first(node_id: str, name: str, sources: tuple[Mapping[str, Event], ...]) -> str:
+    def field(self, event: Event, node_id: str, name: str) -> Any:
+        """Field ``name`` of ``node_id``'s event: ``event`` itself, or its member for that node
+        if ``event`` is packed."""
+        group = event.group
+        column = group.get(name) if group is not None else None
+        if column is None:
+            return getattr(event, name)
+        held = self._positions.get(id(event))
+        if held is None or held[0] is not event:
+            held = self._positions[id(event)] = (event, dict(zip(group["node"], itertools.count())))  # type: ignore[index]
+        return column[held[1][node_id]]
+
+    def member(self, event: Event, node_id: str) -> Event:
+        """``node_id``'s own event: ``event``, or its member for that node if packed."""
+        if event.group is None:
+            return event
+        self.field(event, node_id, "node")  # its positions, made once
+        return event.member(self._positions[id(event)][1][node_id])
+
+    def _first(self, node_id: str, name: str, sources: tuple[Mapping[str, Event], ...]) -> str:
         """The first non-empty ``name`` field of the node's events in ``sources``, in order."""
         for events in sources:
             event = events.get(node_id)
-            if event is not None and getattr(event, name):
-                return str(getattr(event, name))
+            if event is not None:
+                value = self.field(event, node_id, name)
+                if value:
+                    return str(value)
         return ""
 
     def running_at(self, node_id: str) -> float | None:
         start = self.last_start.get(node_id)
         if start is None:
             return None
-        return start.started if start.started is not None else start.time
+        started = self.field(start, node_id, "started")
+        return started if started is not None else start.time
 
     def span(self, event: Event) -> tuple[float, float]:
         """(start, end) of the executed attempt a DONE or FAILED event reports."""
@@ -588,6 +612,8 @@ class RunView:
     def record(self, node_id: str) -> NodeRecord:
         """Everything the view knows about one node (made on demand: details, running bars)."""
         outcome = self.outcome.get(node_id)
+        if outcome is not None:
+            outcome = self.member(outcome, node_id)
         started = ended = None
         if outcome is not None and outcome.kind in (DONE, FAILED):
             started, ended = self.span(outcome)
@@ -641,6 +667,15 @@ class RunView:
         """Fold a batch of task events (no run-level ones) into the view."""
         if not batch:
             return
+        packed = [i for i, e in enumerate(batch) if e.group is not None]
+        if packed:  # folded from their columns, between the runs of plain events around them
+            begin = 0
+            for i in packed:
+                self._fold(batch[begin:i], kinds[begin:i])
+                self._fold_packed(batch[i])
+                begin = i + 1
+            self._fold(batch[begin:], kinds[begin:])
+            return
         if not set(kinds) <= _TASK_KINDS:  # no panel shows these
             batch = [e for e in batch if e.kind in _TASK_KINDS]
             self._fold(batch, [e.kind for e in batch])
@@ -679,7 +714,6 @@ class RunView:
             self._add_nodes([e for e in finals if e.node not in self.task_of])
         runs = _pick(batch, kinds, RUNNING) if RUNNING in kinds else []
         keys = list(last)
-        new_counts = collections.Counter(new)
         engines_seen = self.engines_seen
         if runs:
             run_ids = [e.node for e in runs]
@@ -690,10 +724,77 @@ class RunView:
         engines_seen.update({e.engine for e in outcomes if e.kind != CACHED})
         engines_seen.discard("")
         self.last_event.update(last)
-        # Counts: each changed node leaves its old state for its new one.
+        # Counts: each changed node leaves its old state for its new one; running nodes are
+        # kept in the order they (last) started.
+        self._change_states(keys, new)
+        if RUNNING in new:
+            self.running.update(dict.fromkeys([e.node for e in runs if last[e.node] is e]))
+        if outcomes:
+            self.outcome.update(zip([e.node for e in outcomes], outcomes, strict=True))
+            self._outcomes(outcomes)
+        self.version += 1
+
+    def _fold_packed(self, event: Event) -> None:
+        """Fold a packed event (events.py) from its columns: as its members one by one."""
+        kind, group = event.kind, event.group
+        assert group is not None
+        nodes = group["node"]
+        if kind not in _TASK_KINDS or not nodes:
+            return
+        n = len(nodes)
+
+        def column(name: str) -> list[Any]:
+            found = group.get(name)
+            return found if found is not None else [getattr(event, name)] * n
+
+        times = group.get("time") or [event.time]  # (members may carry their own)
+        if self.first_time is None or min(times) < self.first_time:
+            self.first_time = min(times)
+        if self.last_time is None or max(times) > self.last_time:
+            self.last_time = max(times)
+        if kind == ADDED:  # (a re-added node keeps its state)
+            self._add_columns(nodes, column("task"), column("label"), column("deps"))
+            return
+        last = dict(zip(nodes, range(n), strict=True))  # each node's last position
+        if len(last) < n and kind in FINAL_STATES:
+            # A node with two outcomes in one event: each is a bar; folded member by member.
+            for member in event.members():
+                self._fold([member], [kind])
+            return
+        if not last.keys() <= self.task_of.keys():  # a log without the nodes' ADDED events
+            new = [i for i, node_id in enumerate(nodes) if node_id not in self.task_of]
+            tasks, labels = column("task"), column("label")
+            self._add_columns([nodes[i] for i in new], [tasks[i] for i in new],
+                              [labels[i] for i in new], [()] * len(new))
+        keys = list(last)
+        self._change_states(keys, [kind] * len(keys))
+        if kind == RUNNING:
+            self.attempts.update(nodes)
+            self.last_start.update(dict.fromkeys(keys, event))
+            self.running.update(dict.fromkeys(keys))
+        if kind == RUNNING or kind in (DONE, FAILED, SKIPPED):
+            self.engines_seen.update(column("engine"))
+            self.engines_seen.discard("")
+        self.last_event.update(dict.fromkeys(keys, event))
+        if kind in FINAL_STATES:
+            self.outcome.update(dict.fromkeys(keys, event))
+            if kind in (DONE, FAILED):
+                starts, ends = column("started"), column("ended")
+                if None in starts or None in ends:
+                    spans = [self.span(self.member(event, node)) for node in nodes]
+                    starts, ends = [a for a, _ in spans], [b for _, b in spans]
+                self._executed(nodes, [kind] * n, starts, ends, column("duration"),
+                               column("peak_memory"), column("engine"))
+            elif kind == CACHED:
+                self._hits(nodes, column("duration"))
+        self.version += 1
+
+    def _change_states(self, keys: list[str], new: list[str]) -> None:
+        """Nodes ``keys`` (each once) move to states ``new``: counts, states, running nodes."""
         state, counts, tasks = self.state, self.counts, self.tasks
         old = list(map(state.__getitem__, keys))
         old_counts = collections.Counter(old)
+        new_counts = collections.Counter(new)
         for kind, n in old_counts.items():
             counts[kind] -= n
         for kind, n in new_counts.items():
@@ -711,24 +812,15 @@ class RunView:
             for (name, kind), n in collections.Counter(zip(names, new, strict=True)).items():
                 tasks[name].counts[kind] += n
         state.update(zip(keys, new, strict=True))
-        # Running nodes, in the order they (last) started.
-        running = self.running
-        if RUNNING in old_counts:
+        if RUNNING in old_counts:  # (the caller adds the nodes that start now)
+            running = self.running
             for node_id in [k for k, s in zip(keys, old, strict=True) if s == RUNNING]:
                 del running[node_id]
-        if RUNNING in new_counts:
-            running.update(dict.fromkeys([e.node for e in runs if last[e.node] is e]))
-        if outcomes:
-            self.outcome.update(zip([e.node for e in outcomes], outcomes, strict=True))
-            self._outcomes(outcomes)
-        self.version += 1
 
     def _outcomes(self, events: list[Event]) -> None:
         """Figures per task name and the timeline's bars, from new outcomes (in log order)."""
-        tasks, task_of = self.tasks, self.task_of
         executed = [e for e in events if e.kind in (DONE, FAILED)]
         if executed:
-            ids = [e.node for e in executed]
             given_ends = [e.ended for e in executed]
             given_starts = [e.started for e in executed]
             if None in given_starts or None in given_ends:
@@ -737,65 +829,89 @@ class RunView:
             else:
                 starts = cast("list[float]", given_starts)
                 ends = cast("list[float]", given_ends)
-            durations = [e.duration for e in executed]
-            walls = [w if w is not None else b - a
-                     for w, a, b in zip(durations, starts, ends, strict=True)] \
-                if None in durations else cast("list[float]", durations)
-            peaks = [e.peak_memory for e in executed]
-            kinds = [e.kind for e in executed]
-            names = list(map(task_of.__getitem__, ids))
-            engines = [e.engine or self.engine(e.node) or "kernel" for e in executed]
-            # The charts' structures take them in when they are drawn (fold_bars).
-            self.bars.extend(node=ids, task=names, label=list(map(self.label_of.__getitem__, ids)),
-                             engine=engines, started=starts, ended=ends, state=kinds, peak=peaks)
-            groups: dict[str, tuple[list[str], list[float], list[int | None]]] = {}
-            if names.count(names[0]) == len(names):  # one task name (a large run's usual case)
-                groups[names[0]] = (kinds, walls, peaks)
-            else:
-                for name, kind, wall, peak in zip(names, kinds, walls, peaks, strict=True):
-                    group = groups.setdefault(name, ([], [], []))
-                    group[0].append(kind)
-                    group[1].append(wall)
-                    group[2].append(peak)
-            for name, (group_kinds, group_walls, group_peaks) in groups.items():
-                stats = tasks[name]
-                done = group_kinds.count(DONE)
-                stats.runs += done
-                stats.failures += len(group_kinds) - done
-                stats.wall = sum(group_walls, stats.wall)
-                measured = [p for p in group_peaks if p is not None]
-                if measured and max(measured) > stats.peak:
-                    stats.peak = max(measured)
-        for event in [e for e in events if e.kind == CACHED]:
-            stats = tasks[task_of[event.node]]
+            self._executed([e.node for e in executed], [e.kind for e in executed], starts, ends,
+                           [e.duration for e in executed], [e.peak_memory for e in executed],
+                           [e.engine for e in executed])
+        cached = [e for e in events if e.kind == CACHED]
+        if cached:
+            self._hits([e.node for e in cached], [e.duration for e in cached])
+
+    def _hits(self, ids: list[str], durations: list[float | None]) -> None:
+        tasks, task_of = self.tasks, self.task_of
+        for node_id, duration in zip(ids, durations, strict=True):
+            stats = tasks[task_of[node_id]]
             stats.hits += 1
-            stats.saved += event.duration or 0.0
+            stats.saved += duration or 0.0
+
+    def _executed(self, ids: list[str], kinds: list[str], starts: list[float],
+                  ends: list[float], durations: list[float | None], peaks: list[int | None],
+                  engines: list[str]) -> None:
+        """Executed attempts (DONE or FAILED), as columns: bars, figures per task name."""
+        tasks, task_of = self.tasks, self.task_of
+        walls = [w if w is not None else b - a
+                 for w, a, b in zip(durations, starts, ends, strict=True)] \
+            if None in durations else cast("list[float]", durations)
+        names = list(map(task_of.__getitem__, ids))
+        if "" in engines:
+            engines = [e or self.engine(n) or "kernel"
+                       for e, n in zip(engines, ids, strict=True)]
+        # The charts' structures take them in when they are drawn (fold_bars).
+        self.bars.extend(node=ids, task=names, label=list(map(self.label_of.__getitem__, ids)),
+                         engine=engines, started=starts, ended=ends, state=kinds, peak=peaks)
+        groups: dict[str, tuple[list[str], list[float], list[int | None]]] = {}
+        if names.count(names[0]) == len(names):  # one task name (a large run's usual case)
+            groups[names[0]] = (kinds, walls, peaks)
+        else:
+            for name, kind, wall, peak in zip(names, kinds, walls, peaks, strict=True):
+                group = groups.setdefault(name, ([], [], []))
+                group[0].append(kind)
+                group[1].append(wall)
+                group[2].append(peak)
+        for name, (group_kinds, group_walls, group_peaks) in groups.items():
+            stats = tasks[name]
+            done = group_kinds.count(DONE)
+            stats.runs += done
+            stats.failures += len(group_kinds) - done
+            stats.wall = sum(group_walls, stats.wall)
+            measured = [p for p in group_peaks if p is not None]
+            if measured and max(measured) > stats.peak:
+                stats.peak = max(measured)
 
     def _add_nodes(self, events: list[Event]) -> None:
         """New nodes, from their first events (ADDED ones carry their dependencies)."""
+        if events:
+            self._add_columns([e.node for e in events], [e.task for e in events],
+                              [e.label for e in events],
+                              [e.deps if e.kind == ADDED else () for e in events])
+
+    def _add_columns(self, ids: Sequence[str], names: Sequence[str], labels: Sequence[str],
+                     deps: Sequence[tuple[str, ...]]) -> None:
+        """New nodes: their ids, task names, labels and dependencies (nodes known already, or
+        named twice, keep what they first came with)."""
         task_of = self.task_of
-        fresh = [e for e in events if e.node not in task_of] if task_of else events
-        if not fresh:
-            return
-        ids = [e.node for e in fresh]
+        keep: list[int] | None = None
+        if task_of and not task_of.keys().isdisjoint(ids):
+            keep = [i for i, node_id in enumerate(ids) if node_id not in task_of]
         if len(set(ids)) != len(ids):  # added twice: the first counts
-            firsts = {e.node: e for e in reversed(fresh)}
-            fresh = [firsts[node_id] for node_id in dict.fromkeys(ids)]
-            ids = [e.node for e in fresh]
-        names = [e.task for e in fresh]
-        if "" in names:
-            names = [name or "?" for name in names]
+            firsts = {node_id: i for i, node_id in reversed(list(enumerate(ids)))}
+            keep = sorted(set(firsts.values()).intersection(range(len(ids)) if keep is None
+                                                            else keep))
+        if keep is not None:
+            ids, names = [ids[i] for i in keep], [names[i] for i in keep]
+            labels, deps = [labels[i] for i in keep], [deps[i] for i in keep]
+        if not ids:
+            return
+        ids, deps = list(ids), list(deps)
+        names = [name or "?" for name in names] if "" in names else list(names)
         for name in dict.fromkeys(names):
             if name not in self.tasks:
                 taken = {stats.color for stats in self.tasks.values()}
                 self.tasks[name] = TaskStats(name=name, rank=len(self.tasks),
                                              color=_run_color(name, taken))
         task_of.update(zip(ids, names, strict=True))
-        labels = [e.label for e in fresh]
         if "" in labels:
             labels = [label or name for label, name in zip(labels, names, strict=True)]
         self.label_of.update(zip(ids, labels, strict=True))
-        deps = [e.deps if e.kind == ADDED else () for e in fresh]
         if any(deps):  # kept for the nodes that have some (many runs are flat)
             self.deps_of.update([(i, d) for i, d in zip(ids, deps, strict=True) if d])
         first = len(self.seq_of)
@@ -808,7 +924,7 @@ class RunView:
         # that is not known yet, or a node that earlier ones named as one, means a recompute.
         depth_of, missing = self._depth, self._missing
         if any(deps):
-            for event, node_deps in zip(fresh, deps, strict=True):
+            for node_id, node_deps in zip(ids, deps, strict=True):
                 depth = 0
                 for dep in node_deps:
                     known = depth_of.get(dep)
@@ -816,7 +932,7 @@ class RunView:
                         missing.add(dep)
                     elif known >= depth:
                         depth = known + 1
-                depth_of[event.node] = depth
+                depth_of[node_id] = depth
         else:
             depth_of.update(dict.fromkeys(ids, 0))
         if missing and not missing.isdisjoint(ids):

@@ -76,7 +76,7 @@ class Pipeline:
         self._key_dir = key_dir
         self.events = EventLog()
         self.reporter = TextReporter(stream, verbose=verbose, timeit=timeit, memcheck=memcheck)
-        self.events.subscribe(self.reporter)
+        self.events.subscribe(self.reporter, packed=True)  # it prints a line per node
         self._store: Store | None = None
         self._executor: Executor | None = None
         self._nodes: dict[str, Handle[Any]] = {}

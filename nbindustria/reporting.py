@@ -1,6 +1,7 @@
 """The text interface of a run: ndustria-style lines, a progress bar, a one-line summary.
 
-It is one more subscriber of the event log; the dashboard is another.
+It is one more subscriber of the event log (of its packed events: see events.py); the dashboard is
+another.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import sys
 from typing import Any, TextIO
 
 from .events import (
+    ADDED,
     CACHED,
     DONE,
     FAILED,
@@ -16,6 +18,7 @@ from .events import (
     QUEUED,
     RUN_END,
     RUN_START,
+    RUNNING,
     SKIPPED,
     Event,
 )
@@ -89,7 +92,17 @@ class TextReporter:
             self._summary(event)
             return
         if kind in FINAL_STATES and self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(len(event.nodes()))
+        if event.group is not None:  # a packed event (events.py): a line per node, as ever
+            if kind == FAILED or (self.verbose and kind not in (ADDED, RUNNING)):
+                for member in event.members():
+                    self._line(member)
+            return
+        self._line(event)
+
+    def _line(self, event: Event) -> None:
+        """The line of one node's event (ndustria's wording)."""
+        kind = event.kind
         if kind == FAILED:
             self._write(f"[Failed] {event.label}: {event.error}")
             return

@@ -88,6 +88,8 @@ COMMIT_DELAY = 0.2
 COMMIT_DELAY_MAX = 2.0  # s: the longest a result waits for its commit while others run
 COMMIT_SHARE = 0.1  # with engines busy, commits take at most this share of the loop's time
 FINAL = frozenset({"done", "cached", "failed", "skipped"})
+_DONE_COLUMNS = ("node", "task", "label", "key", "engine", "started", "ended", "duration", "cpu",
+                 "peak_memory", "size", "reason", "info")
 
 
 class Executor(Protocol):
@@ -473,7 +475,9 @@ class Run:
         self._seq += 1
         heapq.heappush(self._ready, (-self._priorities.get(handle.node_id, 0.0), self._seq,
                                      handle.node_id))
-        self._emit(QUEUED, handle, reason=handle.reason)
+        # Packed: a level's calls queued together are one entry of the log (events.py).
+        self.events.pack(QUEUED, handle.node_id, handle.task.name, handle.label,
+                         handle.key or "", reason=handle.reason)
 
     def _reason(self, handle: Handle[Any]) -> str:
         """A one-line reason (the full explanation with diffs is ``Pipeline.why``)."""
@@ -618,7 +622,10 @@ class Run:
         self._in_flight[handle.node_id] = handle
 
         def placed(engine: str) -> None:  # called by the executor once it chose where
-            self._emit(RUNNING, handle, engine=engine, started=time.time())
+            # Packed with the tasks placed before and after it, until a reader pulls or
+            # anything else is logged: a task that runs long is seen running at the next pull.
+            self.events.pack(RUNNING, handle.node_id, handle.task.name, handle.label,
+                             handle.key or "", engine=engine, started=time.time())
 
         self.executor.submit(job, handle.task.options, self.outcomes.put,
                              self.expected.get(handle.node_id, 1.0), placed)
@@ -854,7 +861,8 @@ class Run:
                 self.store.discard(staged)
             raise self._cannot_store(exc) from exc
         ready: list[str] = []
-        done: list[Event] = []
+        # The group's results as one packed DONE event (events.py): a column per field.
+        done: dict[str, list[Any]] = {name: [] for name in _DONE_COLUMNS}
         for (staged, handle, outcome), row in zip(batch, rows, strict=True):
             if self.profile_dir is not None and "profile" in outcome.extra:
                 _save_profile(self.profile_dir, handle, outcome.extra["profile"])
@@ -865,16 +873,15 @@ class Run:
             self._timings.append((handle.key, handle.task.name, handle.label, "done",
                                   outcome.engine, outcome.started, outcome.ended,
                                   outcome.duration, outcome.cpu, outcome.peak_memory))
-            done.append(Event(DONE, handle.node_id, handle.task.name, handle.label,
-                              key=handle.key or "", engine=outcome.engine,
-                              started=outcome.started, ended=outcome.ended,
-                              duration=outcome.duration, cpu=outcome.cpu,
-                              peak_memory=outcome.peak_memory, size=staged.size,
-                              reason=handle.reason,
-                              info={"path": self.store.segment_file(row.segment) if row.segment
-                                    else self.store.entry_file(staged.key)}))
+            for name, value in zip(_DONE_COLUMNS, (
+                    handle.node_id, handle.task.name, handle.label, handle.key or "",
+                    outcome.engine, outcome.started, outcome.ended, outcome.duration,
+                    outcome.cpu, outcome.peak_memory, staged.size, handle.reason,
+                    {"path": self.store.segment_file(row.segment) if row.segment
+                     else self.store.entry_file(staged.key)}), strict=True):
+                done[name].append(value)
             ready.extend(self._unblock(handle))
-        self.events.extend(done)
+        self.events.append(Event(DONE, group=done))
         self._resolve(ready)
 
     def _commit_the_rest(self) -> None:

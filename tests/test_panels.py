@@ -207,19 +207,27 @@ def _eventful_run() -> list[Event]:
     return events
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 1000])
-def test_any_batching_gives_the_same_panels(size: int):
-    """The bulk fold (a node visited once per batch) agrees with folding event by event."""
-    events = _eventful_run()
+def _folded_both_ways(events: list[Event], stream: list[Event],
+                      size: int) -> tuple[panels.RunView, panels.RunView]:
+    """``stream`` (the same events, maybe packed) folded ``size`` entries at a time, and
+    ``events`` one by one; asserts that every panel agrees."""
     one_by_one = panels.RunView()
     for event in events:
         one_by_one.update([event])
     view = panels.RunView()
-    for i in range(0, len(events), size):
-        view.update(events[i : i + size])
+    for i in range(0, len(stream), size):
+        view.update(stream[i : i + size])
     for fn in (panels.header, panels.graph, panels.details, panels.timeline, panels.memory,
                panels.cache_stats):
         assert fn(view) == fn(one_by_one), fn.__name__
+    return view, one_by_one
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 1000])
+def test_any_batching_gives_the_same_panels(size: int):
+    """The bulk fold (a node visited once per batch) agrees with folding event by event."""
+    events = _eventful_run()
+    view, one_by_one = _folded_both_ways(events, events, size)
     h = panels.header(view)
     assert h["counts"] == {DONE: 4, CACHED: 1, FAILED: 0, SKIPPED: 1, RUNNING: 1, QUEUED: 0,
                            ADDED: 0}
@@ -235,6 +243,73 @@ def test_any_batching_gives_the_same_panels(size: int):
     assert panels.graph(view)["rows"] >= 1
     assert panels.positions([RUN_START, DONE, RUN_END, DONE, RUN_START], RUN_START) == [0, 4]
     assert {n["id"]: n["depth"] for n in panels.graph(view)["nodes"]}["A"] == 1
+
+
+_COLUMNS = ("node", "task", "label", "key", "time", "deps", "engine", "started", "ended",
+            "duration", "cpu", "peak_memory", "size", "reason", "error", "traceback", "info")
+
+
+def packed(events: list[Event], size: int) -> list[Event]:
+    """The same stream with each stretch of task events of one kind (at most ``size``) packed
+    into one event, as the scheduler logs them (events.py), every field a column."""
+    out: list[Event] = []
+    for kind, stretch in itertools.groupby(events, key=lambda e: e.kind):
+        stretch = list(stretch)
+        if kind in (RUN_START, RUN_END):
+            out += stretch
+            continue
+        for i in range(0, len(stretch), size):
+            part = stretch[i : i + size]
+            out.append(Event(kind, time=part[-1].time, group={
+                name: [getattr(e, name) for e in part] for name in _COLUMNS}))
+    return out
+
+
+@pytest.mark.parametrize(("pack", "size"), [(1, 1), (2, 1), (3, 2), (1000, 3), (1000, 1000)])
+def test_packed_events_give_the_same_panels(pack: int, size: int):
+    """Packed events (a column per field) fold to the same panels as their members one by
+    one, however they are packed and batched, and their members are the events themselves."""
+    events = _eventful_run()
+    stream = packed(events, pack)
+    assert [e for p in stream for e in p.members()] == events
+    view, one_by_one = _folded_both_ways(events, stream, size)
+    assert dict(view.nodes) == dict(one_by_one.nodes)
+    assert view.attempts == one_by_one.attempts and list(view.running) == ["P"]
+    # Shared fields (not columns) hold for every member.
+    done = Event(DONE, time=T0 + 2, engine="kernel", group={
+        "node": ["A", "B"], "task": ["fit", "fit"], "started": [T0, T0 + 1],
+        "ended": [T0 + 1, T0 + 2], "duration": [1.0, 1.0]})
+    for v in (view, one_by_one):
+        v.update(done.members() if v is one_by_one else [done])
+    assert panels.timeline(view) == panels.timeline(one_by_one)
+    assert view.engine("A") == "kernel" and view.nodes["B"] == one_by_one.nodes["B"]
+
+
+def test_packed_events_naming_a_node_twice():
+    """A node placed twice in one packed event (taken back, placed again), two outcomes of
+    one node in one, nodes without ADDED events: as their members one by one."""
+    def group(kind: str, nodes: list[str], **columns: list[object]) -> Event:
+        return Event(kind, time=T0 + len(columns), group={
+            "node": nodes, "task": ["t"] * len(nodes), "label": [f"t({n})" for n in nodes],
+            **columns})
+
+    stream = [
+        Event(RUN_START, time=T0, info={"pipeline": "p"}),
+        group(ADDED, ["X", "Y", "X"], deps=[(), ("X",), ("Y",)]),
+        group(QUEUED, ["X", "Y", "W"]),
+        group(RUNNING, ["X", "Y", "X", "W"], engine=["e 0", "e 1", "e 2", "e 0"],
+              started=[T0 + 1, T0 + 1, T0 + 2, None]),
+        group(DONE, ["Y", "X", "Y"], started=[T0 + 1, T0 + 2, T0 + 3],
+              ended=[T0 + 2, T0 + 3, T0 + 4], duration=[1.0, 1.0, None],
+              engine=["e 1", "", "e 1"], peak_memory=[1, 2, None]),
+        group(CACHED, ["Z"], duration=[3.0], engine=["e 9"]),
+    ]
+    members = [e for p in stream for e in p.members()]
+    for size in (1, 2, 100):
+        view, one_by_one = _folded_both_ways(members, stream, size)
+        assert dict(view.nodes) == dict(one_by_one.nodes)
+        assert view.attempts == {"X": 2, "Y": 1, "W": 1} and list(view.running) == ["W"]
+        assert view.engine("X") == "e 2" and view.running_at("W") == stream[3].time
 
 
 def test_a_re_added_node_keeps_its_state():
