@@ -102,7 +102,11 @@ def bind(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 code: CodeHasher | None = None,
                 provenance: ProvenanceLookup | None = None) -> CallEncoding:
-    arguments = bind(task, args, kwargs)
+    names, _ = task.__dict__.get("_nbi_fast_params") or _fast_params(task)
+    if names is not None and not kwargs and len(args) == len(names):
+        arguments = dict(zip(names, args))  # noqa: B905 - bind's common case, without a call
+    else:
+        arguments = bind(task, args, kwargs)
     fast = _simple_call(arguments)
     if fast is not None:
         return fast
@@ -155,7 +159,10 @@ def _simple_call(arguments: dict[str, Any]) -> CallEncoding | None:
         scalar = scalar_encoding(value)
         if scalar is not None:
             params.append((name, scalar, _NO_HANDLES))
-            blob += _frame(name, scalar)
+            head = _name_heads.get(name)
+            if head is None:
+                head = _name_heads[name] = name.encode() + b"\0"
+            blob += head + _pack_u32(len(scalar)) + scalar  # _frame(name, scalar)
         elif type(value) is Handle:
             params.append((name, _LONE_HANDLE, [value]))
             handles = [*handles, value]
@@ -166,6 +173,10 @@ def _simple_call(arguments: dict[str, Any]) -> CallEncoding | None:
     # Shared empty lists, never mutated: fewer objects per recorded call for the cyclic GC
     # to track (recording 10,000 calls is otherwise largely garbage-collector time).
     return CallEncoding(params, _NO_HANDLES, False, blob)
+
+
+# A parameter's name as its frame starts (per name: a program has few).
+_name_heads: dict[str, bytes] = {}
 
 
 def _frame(name: str, data: bytes) -> bytes:

@@ -285,11 +285,6 @@ class Run:
             self._encodings[handle.node_id] = enc
         return enc
 
-    def _compute_key(self, handle: Handle[Any]) -> str:
-        handle.key = cache_key(handle.task, "", self._encoding_of(handle), self.env,
-                               prefix=self._key_prefix_of(handle.task))
-        return handle.key
-
     # ---- the loop -------------------------------------------------------------------------------
 
     def execute(self, targets: list[Handle[Any]]) -> RunSummary:
@@ -349,9 +344,12 @@ class Run:
                                     "n_engines": self.executor.n_engines,
                                     "memory_limit": self.executor.memory_limit,
                                     "run": self.run_number, "dryrun": self.dryrun})
-        nodes, deps = graph.nodes, graph.deps
-        self.events.extend([Event(ADDED, n, nodes[n].task.name, nodes[n].label,
-                                  deps=tuple(deps[n])) for n in graph.order])
+        deps, order = graph.deps, graph.order
+        handles = [graph.nodes[n] for n in order]
+        # Every node of the graph as one packed event (events.py): one log entry, not 10,000.
+        self.events.append(Event(ADDED, group={
+            "node": list(order), "task": [h.task.name for h in handles],
+            "label": [h.label for h in handles], "deps": [tuple(deps[n]) for n in order]}))
         self._priority_cache = None  # made when a task must run
         self.waiting = {n: len(deps[n]) for n in graph.order}
         self._tmp_dir = self.executor.store_dir_for_jobs(self.store)
@@ -397,20 +395,9 @@ class Run:
     def _resolve(self, frontier: list[str]) -> None:
         """Compute keys of nodes whose inputs are all known, and look them up in batches. Hits
         unblock their dependents, which are resolved in the next round (level by level)."""
-        nodes = self.graph.nodes
+        nodes, dependents = self.graph.nodes, self.graph.dependents
         while frontier:
-            keyed: list[Handle[Any]] = []
-            forced: set[str] = set()  # node ids that run whatever the store holds
-            for node_id in frontier:
-                handle = nodes[node_id]
-                try:
-                    self._compute_key(handle)
-                except (HashingError, TypeError) as exc:
-                    self._fail_now(handle, exc)
-                    continue
-                keyed.append(handle)
-                if self._forced(handle):
-                    forced.add(node_id)
+            keyed, forced = self._keys_of([nodes[n] for n in frontier])
             present = self.store.present(
                 [h.key for h in keyed if h.node_id not in forced and h.key is not None])
             misses = [h.node_id for h in keyed
@@ -418,12 +405,13 @@ class Run:
             if len(misses) > 1:  # why each must run: their past rows in one query, not one each
                 self._read_previous([n for n in misses if n not in self._previous])
             next_frontier: list[str] = []
-            hits: list[Event] = []
+            hits: list[tuple[Handle[Any], Presence]] = []
             for handle in keyed:
                 row = None if handle.node_id in forced else present.get(handle.key or "")
                 if row is not None:
-                    hits.append(self._mark_cached(handle, row))
-                    next_frontier.extend(self._unblock(handle))
+                    hits.append((handle, row))
+                    if handle.node_id in dependents:  # (most calls of a wide graph: none)
+                        next_frontier.extend(self._unblock(handle))
                 elif self.dryrun:
                     handle.state = "queued"
                     handle.reason = self._reason(handle)
@@ -432,29 +420,57 @@ class Run:
                     self._dry_mark_downstream(handle)
                 else:
                     self._enqueue(handle)
-            self.events.extend(hits)  # a level's hits at once (before its dependents' events)
+            if hits:  # a level's hits as one packed event (before its dependents' events)
+                self.events.append(self._mark_cached(hits))
             frontier = next_frontier
+
+    def _keys_of(self, handles: list[Handle[Any]]) -> tuple[list[Handle[Any]], set[str]]:
+        """Compute the keys of a level's calls; returns the calls that have one (a call whose
+        arguments cannot be hashed fails here), and the ids of those forced to run."""
+        keyed: list[Handle[Any]] = []
+        forced: set[str] = set()
+        per_task: dict[int, tuple[bytes, bool]] = {}  # id(task) -> (key prefix, forced)
+        for handle in handles:
+            task = handle.task
+            of_task = per_task.get(id(task))
+            if of_task is None:
+                of_task = per_task[id(task)] = (self._key_prefix_of(task), self._forced(handle))
+            encoding = handle.encoding  # reused as _encoding_of would, without its calls
+            try:
+                if encoding is None or encoding.mutable:
+                    encoding = self._encoding_of(handle)
+                handle.key = cache_key(task, "", encoding, self.env, prefix=of_task[0])
+            except (HashingError, TypeError) as exc:
+                self._fail_now(handle, exc)
+                continue
+            keyed.append(handle)
+            if of_task[1]:
+                forced.add(handle.node_id)
+        return keyed, forced
 
     def _forced(self, handle: Handle[Any]) -> bool:
         return handle.task.options.rerun or handle.task.name in self.rerun_names
 
-    def _mark_cached(self, handle: Handle[Any], row: Presence) -> Event:
-        """Resolve a call from its entry; returns its event, for the caller to append."""
-        handle.state = "cached"
-        handle.digest = row.result_digest
-        handle.reason = "cache hit"
-        self.summary.cached += 1
-        self._hits.append(row.key)
-        return Event(CACHED, handle.node_id, handle.task.name, handle.label, key=row.key,
-                     duration=row.duration, size=row.size, engine=row.engine,
-                     peak_memory=row.peak_memory, cpu=row.cpu)
+    def _mark_cached(self, hits: list[tuple[Handle[Any], Presence]]) -> Event:
+        """Resolve calls from their entries; returns their packed CACHED event, to be logged."""
+        for handle, row in hits:
+            handle.state = "cached"
+            handle.digest = row.result_digest
+            handle.reason = "cache hit"
+        self.summary.cached += len(hits)
+        rows = [row for _, row in hits]
+        keys = [row.key for row in rows]
+        self._hits.extend(keys)
+        return Event(CACHED, group={
+            "node": [h.node_id for h, _ in hits], "task": [h.task.name for h, _ in hits],
+            "label": [h.label for h, _ in hits], "key": keys,
+            "duration": [r.duration for r in rows], "size": [r.size for r in rows],
+            "engine": [r.engine for r in rows], "peak_memory": [r.peak_memory for r in rows],
+            "cpu": [r.cpu for r in rows]})
 
     def _unblock(self, handle: Handle[Any]) -> list[str]:
-        dependents = self.graph.dependents.get(handle.node_id)
-        if not dependents:
-            return []
         ready = []
-        for dep_id in dependents:
+        for dep_id in self.graph.dependents.get(handle.node_id, ()):
             self.waiting[dep_id] -= 1
             if self.waiting[dep_id] == 0 and self.graph.nodes[dep_id].state == "added":
                 ready.append(dep_id)
