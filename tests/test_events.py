@@ -90,3 +90,47 @@ def test_a_subscriber_gets_what_a_reader_logged_at_the_writers_next_write():
     assert seen == ["a"]
     log.seal()
     assert seen == ["a", "b"] and log.next_index == 2
+
+
+def test_a_cached_rerun_logs_its_nodes_and_hits_packed_with_every_field(tmp_path):
+    """A fully cached re-run of 300 calls over two levels is a handful of log entries; their
+    members are the per-node ADDED and CACHED events every view reads (deps, labels, keys,
+    and the recorded facts of each entry), in dependency order."""
+    from nbindustria import Pipeline
+    from nbindustria.events import ADDED, CACHED, RUN_END, RUN_START
+
+    def calls(pipe):
+        @pipe.task
+        def base(i):
+            return i
+
+        @pipe.task
+        def plus(x, i):
+            return x + i
+
+        firsts = [base(i) for i in range(150)]
+        return firsts + [plus(f, i) for i, f in enumerate(firsts)]
+
+    for run in range(2):
+        pipe = Pipeline(name="packed", cache_dir=tmp_path / "c", key_dir=tmp_path / "k",
+                        verbose=0)
+        handles = calls(pipe)
+        start = pipe.events.next_index
+        pipe.run()
+        entries = pipe.events.since_packed(start)
+        members = pipe.events.since(start)
+        if run == 0:
+            first_run = {e.node: e for e in members if e.kind == "done"}
+        pipe.close()
+    assert [e.kind for e in entries] == [RUN_START, ADDED, CACHED, CACHED, RUN_END]
+    added = [e for e in members if e.kind == ADDED]
+    hits = [e for e in members if e.kind == CACHED]
+    assert [e.node for e in added] == [h.node_id for h in handles]
+    assert [e.label for e in added[:2]] == ["base(0)", "base(1)"]
+    assert added[150].deps == (handles[0].node_id,) and added[0].deps == ()
+    assert [e.node for e in hits] == [h.node_id for h in handles]  # level by level
+    for hit in hits:
+        done = first_run[hit.node]
+        assert (hit.key, hit.task, hit.label, hit.engine) == (done.key, done.task, done.label,
+                                                              done.engine)
+        assert hit.size and hit.size > 0 and hit.duration is not None and hit.cpu is not None
