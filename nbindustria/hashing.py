@@ -337,19 +337,34 @@ def tree_digest(data: bytes | bytearray | memoryview) -> bytes:
     """
     view = memoryview(data).cast("B")  # slices of a view copy nothing
     chunks = [view[i:i + _TREE_CHUNK] for i in range(0, view.nbytes, _TREE_CHUNK)]
+    digests = [b""] * len(chunks)
+    taken = iter(range(len(chunks)))  # each chunk goes to the first thread free to take it
+
+    def hash_chunks() -> None:
+        for i in taken:  # (a range iterator hands each index out once, under the GIL)
+            digests[i] = xxhash.xxh3_128_digest(chunks[i])
+
+    # The calling thread hashes too, beside one helper per other core: a helper that is slow to
+    # start (a busy machine) leaves more chunks to the caller, never a wait for nothing.
+    helpers = []
     try:
-        digests = list(_hash_pool().map(xxhash.xxh3_128_digest, chunks))
-    except RuntimeError:  # no new threads while the interpreter shuts down: the same, serially
-        digests = [xxhash.xxh3_128_digest(chunk) for chunk in chunks]
+        pool, workers = _hash_pool()
+        helpers = [pool.submit(hash_chunks) for _ in range(min(workers, len(chunks) - 1))]
+    except RuntimeError:  # no new threads while the interpreter shuts down: the caller alone
+        pass
+    hash_chunks()
+    for helper in helpers:
+        helper.result()
     return xxhash.xxh3_128_digest(b"".join(digests))
 
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: tuple[int, ThreadPoolExecutor, int] | None = None
 _pool_lock = threading.Lock()
 
 
-def _hash_pool() -> ThreadPoolExecutor:
-    """Threads for tree hashing, made on first use in each process.
+def _hash_pool() -> tuple[ThreadPoolExecutor, int]:
+    """Helper threads for tree hashing (one per core beside the caller's), made on first use in
+    each process, and how many.
 
     Made again in a forked child: the parent's threads do not exist there, and its pool would
     take the work and never do it.
@@ -358,9 +373,10 @@ def _hash_pool() -> ThreadPoolExecutor:
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-            workers = max(1, min(8, cores or os.cpu_count() or 1))
-            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="nbi-hash"))
-        return _pool[1]
+            helpers = max(1, min(7, (cores or os.cpu_count() or 1) - 1))
+            _pool = (os.getpid(), ThreadPoolExecutor(helpers, thread_name_prefix="nbi-hash"),
+                     helpers)
+        return _pool[1], _pool[2]
 
 
 @register(bytes)
