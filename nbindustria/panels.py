@@ -665,25 +665,26 @@ class RunView:
 
     def _fold(self, batch: list[Event], kinds: list[str]) -> None:
         """Fold a batch of task events (no run-level ones) into the view."""
-        if not batch:
-            return
         packed = [i for i, e in enumerate(batch) if e.group is not None]
-        if packed:  # folded from their columns, between the runs of plain events around them
-            begin = 0
-            for i in packed:
-                self._fold(batch[begin:i], kinds[begin:i])
-                self._fold_packed(batch[i])
-                begin = i + 1
-            self._fold(batch[begin:], kinds[begin:])
+        begin = 0
+        for i in packed:  # folded from their columns, between the plain events around them
+            self._fold_plain(batch[begin:i], kinds[begin:i])
+            self._fold_packed(batch[i])
+            begin = i + 1
+        self._fold_plain(batch[begin:], kinds[begin:])
+
+    def _fold_plain(self, batch: list[Event], kinds: list[str]) -> None:
+        """Fold a batch of plain (not packed) task events."""
+        if not batch:
             return
         if not set(kinds) <= _TASK_KINDS:  # no panel shows these
             batch = [e for e in batch if e.kind in _TASK_KINDS]
-            self._fold(batch, [e.kind for e in batch])
+            self._fold_plain(batch, [e.kind for e in batch])
             return
         last = {e.node: e for e in batch}  # each node's last event in the batch
         if "" in last:  # task events without a node: nothing to show them on
             batch = [e for e in batch if e.node]
-            self._fold(batch, [e.kind for e in batch])
+            self._fold_plain(batch, [e.kind for e in batch])
             return
         finals = list(last.values())
         new = [e.kind for e in finals]
@@ -701,14 +702,14 @@ class RunView:
                 return
             if ADDED in new:  # a re-added node keeps its state
                 batch = [e for e in batch if e.kind != ADDED]
-                self._fold(batch, [e.kind for e in batch])
+                self._fold_plain(batch, [e.kind for e in batch])
                 return
         outcomes = list(itertools.compress(batch, map(FINAL_STATES.__contains__, kinds)))
         if [e for e in outcomes if last[e.node] is not e]:
             # A node with two outcomes in one batch (it ran again): each outcome is a bar of
             # the timeline, so this (rare) batch is folded event by event.
             for event in batch:
-                self._fold([event], [event.kind])
+                self._fold_plain([event], [event.kind])
             return
         if not last.keys() <= self.task_of.keys():  # a log without the nodes' ADDED events
             self._add_nodes([e for e in finals if e.node not in self.task_of])
@@ -747,37 +748,45 @@ class RunView:
             found = group.get(name)
             return found if found is not None else [getattr(event, name)] * n
 
-        times = group.get("time") or [event.time]  # (members may carry their own)
-        if self.first_time is None or min(times) < self.first_time:
-            self.first_time = min(times)
-        if self.last_time is None or max(times) > self.last_time:
-            self.last_time = max(times)
+        # Members may carry their own times; they run forward along the log, as the plain
+        # events' do (the nodes' ADDED events aside).
+        times = group.get("time") or [event.time]
+        low, high = (min(times), max(times)) if kind == ADDED else (times[0], times[-1])
+        if self.first_time is None or low < self.first_time:
+            self.first_time = low
+        if self.last_time is None or high > self.last_time:
+            self.last_time = high
         if kind == ADDED:  # (a re-added node keeps its state)
             self._add_columns(nodes, column("task"), column("label"), column("deps"))
             return
-        last = dict(zip(nodes, range(n), strict=True))  # each node's last position
-        if len(last) < n and kind in FINAL_STATES:
-            # A node with two outcomes in one event: each is a bar; folded member by member.
-            for member in event.members():
-                self._fold([member], [kind])
-            return
-        if not last.keys() <= self.task_of.keys():  # a log without the nodes' ADDED events
+        # Every step below is one C-level pass over the columns (a packed event of a large run
+        # holds thousands of nodes): no Python code runs per node.
+        distinct = set(nodes)
+        keys = nodes
+        if len(distinct) < n:  # a node named twice (taken back from an engine, placed again)
+            if kind in FINAL_STATES:
+                # Two outcomes of one node: each is a bar; folded member by member.
+                for member in event.members():
+                    self._fold([member], [kind])
+                return
+            keys = list(dict.fromkeys(nodes))
+        if not distinct <= self.task_of.keys():  # a log without the nodes' ADDED events
             new = [i for i, node_id in enumerate(nodes) if node_id not in self.task_of]
             tasks, labels = column("task"), column("label")
             self._add_columns([nodes[i] for i in new], [tasks[i] for i in new],
                               [labels[i] for i in new], [()] * len(new))
-        keys = list(last)
-        self._change_states(keys, [kind] * len(keys))
+        self._change_states(keys, kind)
+        same = itertools.repeat(event)
         if kind == RUNNING:
             self.attempts.update(nodes)
-            self.last_start.update(dict.fromkeys(keys, event))
-            self.running.update(dict.fromkeys(keys))
+            self.last_start.update(zip(keys, same, strict=False))  # (same: endless)
+            self.running.update(zip(keys, itertools.repeat(None), strict=False))
         if kind == RUNNING or kind in (DONE, FAILED, SKIPPED):
             self.engines_seen.update(column("engine"))
             self.engines_seen.discard("")
-        self.last_event.update(dict.fromkeys(keys, event))
+        self.last_event.update(zip(keys, same, strict=False))
         if kind in FINAL_STATES:
-            self.outcome.update(dict.fromkeys(keys, event))
+            self.outcome.update(zip(keys, same, strict=False))
             if kind in (DONE, FAILED):
                 starts, ends = column("started"), column("ended")
                 if None in starts or None in ends:
@@ -789,12 +798,18 @@ class RunView:
                 self._hits(nodes, column("duration"))
         self.version += 1
 
-    def _change_states(self, keys: list[str], new: list[str]) -> None:
-        """Nodes ``keys`` (each once) move to states ``new``: counts, states, running nodes."""
+    def _change_states(self, keys: list[str], new: list[str] | str) -> None:
+        """Nodes ``keys`` (each once) move to states ``new`` (one per node, or one for all):
+        counts, states, running nodes."""
         state, counts, tasks = self.state, self.counts, self.tasks
         old = list(map(state.__getitem__, keys))
         old_counts = collections.Counter(old)
-        new_counts = collections.Counter(new)
+        if isinstance(new, str):
+            new_counts = collections.Counter({new: len(keys)})
+            state.update(zip(keys, itertools.repeat(new), strict=False))
+        else:
+            new_counts = collections.Counter(new)
+            state.update(zip(keys, new, strict=True))
         for kind, n in old_counts.items():
             counts[kind] -= n
         for kind, n in new_counts.items():
@@ -809,13 +824,13 @@ class RunView:
             names = list(map(self.task_of.__getitem__, keys))
             for (name, kind), n in collections.Counter(zip(names, old, strict=True)).items():
                 tasks[name].counts[kind] -= n
-            for (name, kind), n in collections.Counter(zip(names, new, strict=True)).items():
+            news = itertools.repeat(new) if isinstance(new, str) else new
+            for (name, kind), n in collections.Counter(zip(names, news, strict=False)).items():
                 tasks[name].counts[kind] += n
-        state.update(zip(keys, new, strict=True))
         if RUNNING in old_counts:  # (the caller adds the nodes that start now)
-            running = self.running
-            for node_id in [k for k, s in zip(keys, old, strict=True) if s == RUNNING]:
-                del running[node_id]
+            # Popped in C, not in a Python loop: a group commit ends thousands at once.
+            collections.deque(map(self.running.pop, itertools.compress(
+                keys, map(RUNNING.__eq__, old))), maxlen=0)
 
     def _outcomes(self, events: list[Event]) -> None:
         """Figures per task name and the timeline's bars, from new outcomes (in log order)."""
