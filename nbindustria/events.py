@@ -13,9 +13,9 @@ is then a few dozen log entries instead of 30,000 objects to make, lock, and fol
 changes nothing a view shows: ``event.members()`` gives the per-node events, ``log.since()``
 and plain subscribers get those; readers that fold columns (the dashboard) ask for the packed
 entries (``log.since_packed()``, ``subscribe(..., packed=True)``). A writer adds members with
-``log.pack()``; the open group is logged as one entry (one index) when anything else is
-written, when a reader pulls, or at ``log.seal()``, so the log's order is the order of the
-writer's calls.
+``log.pack()`` (a row of values each); the open group is logged as one entry (one index) when
+anything else is written, when a reader pulls, or at ``log.seal()``, so the log's order is the
+order of the writer's calls.
 """
 
 from __future__ import annotations
@@ -174,8 +174,8 @@ class EventLog:
         self._lock = threading.Lock()
         # (callback, packed), replaced, never changed in place
         self._subscribers: tuple[tuple[Subscriber, bool], ...] = ()
-        self._open: Event | None = None  # the packed event being filled by pack()
-        self._open_shape: tuple[str, tuple[str, ...]] = ("", ())
+        self._rows: list[tuple[Any, ...]] | None = None  # the packed event being filled
+        self._open_shape: tuple[str, tuple[str, ...]] = ("", ())  # its kind and fields
         self._undelivered: list[Event] = []  # logged, not yet given to the subscribers
 
     def __len__(self) -> int:
@@ -213,30 +213,18 @@ class EventLog:
                 self._log(event)
         self._deliver()
 
-    def pack(self, kind: str, node: str, task: str, label: str, key: str = "",
-             **values: Any) -> None:
-        """Log one node's ``kind`` event as a member of a packed event: the open one if it has
-        this kind and these fields, else a new one. It is logged at the next write, pull or
-        ``seal()`` (with the time of that moment; each member keeps its own)."""
-        shape = (kind, tuple(values))
-        now = time.time()  # each member keeps the time of its change
+    def pack(self, kind: str, fields: tuple[str, ...], row: tuple[Any, ...]) -> None:
+        """Log one node's ``kind`` event as a member of a packed event: ``row`` holds its values
+        of ``fields`` (a constant tuple of field names, ``"node"`` among them; ``"time"`` too,
+        for members that keep their own time). It joins the open packed event if that has this
+        kind and these fields, else starts a new one, which is logged at the next write, pull
+        or ``seal()``. One append under the lock: the columns are made when it is logged."""
         with self._lock:
-            group = self._open
-            if group is None or self._open_shape != shape:
+            if self._rows is None or kind != self._open_shape[0] or fields != self._open_shape[1]:
                 self._seal()
-                columns: dict[str, list[Any]] = {"node": [], "task": [], "label": [], "key": [],
-                                                 "time": []}
-                columns.update((name, []) for name in values)
-                group = self._open = Event(kind, group=columns)
-                self._open_shape = shape
-            columns = group.group  # type: ignore[assignment]
-            columns["node"].append(node)
-            columns["task"].append(task)
-            columns["label"].append(label)
-            columns["key"].append(key)
-            columns["time"].append(now)
-            for name, value in values.items():
-                columns[name].append(value)
+                self._open_shape = (kind, fields)
+                self._rows = []
+            self._rows.append(row)
         if self._undelivered:  # a reader logged the open group meanwhile
             self._deliver()
 
@@ -247,11 +235,12 @@ class EventLog:
         self._deliver()
 
     def _seal(self) -> None:  # with the lock held
-        group = self._open
-        if group is not None:
-            self._open = None
-            group.time = time.time()
-            self._log(group)
+        rows = self._rows
+        if rows:
+            kind, fields = self._open_shape
+            columns = dict(zip(fields, map(list, zip(*rows, strict=True)), strict=True))
+            self._log(Event(kind, group=columns))
+        self._rows = None
 
     def _log(self, event: Event) -> None:  # with the lock held
         event.index = self._next
@@ -301,7 +290,7 @@ class EventLog:
     def clear(self) -> None:
         with self._lock:
             self._events.clear()
-            self._open = None
+            self._rows = None
 
 
 def latest_states(events: Iterable[Event]) -> dict[str, Event]:

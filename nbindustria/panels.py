@@ -27,6 +27,7 @@ import collections
 import contextlib
 import hashlib
 import itertools
+import operator
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -536,7 +537,9 @@ class RunView:
         self.bars = Bars()  # the executed attempts
         # What the charts draw, kept bounded as events arrive (see MAX_BARS and friends).
         self.engines_seen: set[str] = set()  # engines that ran or run a task of this run
-        self.running: dict[str, None] = {}  # ids of the running nodes, in the order they started
+        # The running nodes, in the order they (last) started: node id -> the engine its RUNNING
+        # event names ("" while not placed). Header and timeline read engines from it.
+        self.running: dict[str, str] = {}
         self.segments = Segments(MAX_SEGMENTS)
         self.task_points: dict[str, EvenSample] = {}
         self.engine_memory: dict[str, Envelope] = {}
@@ -729,7 +732,7 @@ class RunView:
         # kept in the order they (last) started.
         self._change_states(keys, new)
         if RUNNING in new:
-            self.running.update(dict.fromkeys([e.node for e in runs if last[e.node] is e]))
+            self.running.update([(e.node, e.engine) for e in runs if last[e.node] is e])
         if outcomes:
             self.outcome.update(zip([e.node for e in outcomes], outcomes, strict=True))
             self._outcomes(outcomes)
@@ -780,7 +783,12 @@ class RunView:
         if kind == RUNNING:
             self.attempts.update(nodes)
             self.last_start.update(zip(keys, same, strict=False))  # (same: endless)
-            self.running.update(zip(keys, itertools.repeat(None), strict=False))
+            engines = column("engine")
+            if keys is nodes:
+                self.running.update(zip(nodes, engines, strict=True))
+            else:  # in the order each last started, with that start's engine
+                at = sorted(dict(zip(nodes, range(n), strict=True)).values())
+                self.running.update([(nodes[i], engines[i]) for i in at])
         if kind == RUNNING or kind in (DONE, FAILED, SKIPPED):
             self.engines_seen.update(column("engine"))
             self.engines_seen.discard("")
@@ -1103,14 +1111,9 @@ def header(source: RunView | Iterable[Event], now: float | None = None) -> dict[
     n_engines = info.get("n_engines")
     # Busy engines, not running tasks: an engine may hold several (the kernel's own executor
     # holds a whole group until it commits); a task not placed yet counts as one.
-    busy_engines: set[str] = set()
-    unplaced = 0
-    for node_id in view.running:
-        engine = view.engine(node_id)
-        if engine:
-            busy_engines.add(engine)
-        else:
-            unplaced += 1
+    busy_engines = set(view.running.values())  # (in C: the kernel may hold thousands)
+    unplaced = operator.countOf(view.running.values(), "")
+    busy_engines.discard("")
     seen = len(view.engines_seen)
     if not (isinstance(n_engines, int) and n_engines > 0):
         # Engines started on demand are not known when the run starts: count those seen.
@@ -1531,17 +1534,22 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
     end = now if now is not None else (view.last_time or t0)
     running: list[dict[str, Any]] = []
     per_row: dict[str, int] = {}
-    for node_id in view.running:
+    rows = view._rows
+    for node_id, engine in view.running.items():
         # A bar needs its row: the engine, once the scheduler knows where the task runs. An
         # engine that took many tasks at once (the kernel's own executor, before a group
         # commit) shows its first few: the rest would only stack on the same row.
-        engine = view.engine(node_id)
+        if not engine:
+            continue
+        row = rows.get(engine)
+        if row is None:
+            row = rows[engine] = engine_short(engine)
+        shown = per_row.get(row, 0)
+        if shown >= RUNNING_PER_ROW:
+            continue
         running_at = view.running_at(node_id)
-        if running_at is not None and engine:
-            row = engine_short(engine)
-            per_row[row] = per_row.get(row, 0) + 1
-            if per_row[row] > RUNNING_PER_ROW:
-                continue
+        if running_at is not None:
+            per_row[row] = shown + 1
             task = view.task_of[node_id]
             running.append({
                 "node": node_id,

@@ -88,6 +88,9 @@ COMMIT_DELAY = 0.2
 COMMIT_DELAY_MAX = 2.0  # s: the longest a result waits for its commit while others run
 COMMIT_SHARE = 0.1  # with engines busy, commits take at most this share of the loop's time
 FINAL = frozenset({"done", "cached", "failed", "skipped"})
+# The fields of packed events (events.py), in the order of the values the scheduler gives.
+_QUEUED_FIELDS = ("node", "task", "label", "key", "time", "reason")
+_RUNNING_FIELDS = ("node", "task", "label", "key", "time", "engine", "started")
 _DONE_COLUMNS = ("node", "task", "label", "key", "engine", "started", "ended", "duration", "cpu",
                  "peak_memory", "size", "reason", "info")
 
@@ -492,8 +495,8 @@ class Run:
         heapq.heappush(self._ready, (-self._priorities.get(handle.node_id, 0.0), self._seq,
                                      handle.node_id))
         # Packed: a level's calls queued together are one entry of the log (events.py).
-        self.events.pack(QUEUED, handle.node_id, handle.task.name, handle.label,
-                         handle.key or "", reason=handle.reason)
+        self.events.pack(QUEUED, _QUEUED_FIELDS, (handle.node_id, handle.task.name, handle.label,
+                                                  handle.key or "", time.time(), handle.reason))
 
     def _reason(self, handle: Handle[Any]) -> str:
         """A one-line reason (the full explanation with diffs is ``Pipeline.why``)."""
@@ -640,8 +643,10 @@ class Run:
         def placed(engine: str) -> None:  # called by the executor once it chose where
             # Packed with the tasks placed before and after it, until a reader pulls or
             # anything else is logged: a task that runs long is seen running at the next pull.
-            self.events.pack(RUNNING, handle.node_id, handle.task.name, handle.label,
-                             handle.key or "", engine=engine, started=time.time())
+            now = time.time()
+            self.events.pack(RUNNING, _RUNNING_FIELDS, (handle.node_id, handle.task.name,
+                                                        handle.label, handle.key or "", now,
+                                                        engine, now))
 
         self.executor.submit(job, handle.task.options, self.outcomes.put,
                              self.expected.get(handle.node_id, 1.0), placed)

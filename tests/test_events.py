@@ -49,15 +49,17 @@ def test_packed_events_are_one_entry_and_read_as_their_members():
     log.subscribe(seen.append)
     log.subscribe(packed.append, packed=True)
     log.append(Event(RUN_START))
+    queued = ("node", "task", "label", "key", "time", "reason")
+    running = ("node", "task", "label", "key", "engine", "started")
     for i in range(3):
-        log.pack(QUEUED, f"n{i}", "t", f"t({i})", f"k{i}", reason="never run")
+        log.pack(QUEUED, queued, (f"n{i}", "t", f"t({i})", f"k{i}", 100.0 + i, "never run"))
     for i in range(2):  # another kind: a new packed event
-        log.pack(RUNNING, f"n{i}", "t", f"t({i})", f"k{i}", engine="kernel", started=float(i))
+        log.pack(RUNNING, running, (f"n{i}", "t", f"t({i})", f"k{i}", "kernel", float(i)))
     assert log.next_index == 2 and len(seen) == 4  # the open group is not logged yet
     entries = log.since_packed(1)  # a reader's pull logs it
     assert [(e.kind, e.index, e.nodes()) for e in entries] == [
         (QUEUED, 1, ["n0", "n1", "n2"]), (RUNNING, 2, ["n0", "n1"])]
-    log.pack(RUNNING, "n2", "t", "t(2)", "k2", engine="kernel", started=2.0)  # a new group
+    log.pack(RUNNING, running, ("n2", "t", "t(2)", "k2", "kernel", 2.0))  # a new group
     log.append(Event(DONE, group={"node": ["n0", "n1"], "task": ["t", "t"], "reason": ["a", "b"]},
                      engine="kernel"))
     assert log.next_index == 5
@@ -68,9 +70,9 @@ def test_packed_events_are_one_entry_and_read_as_their_members():
     assert [(e.kind, e.node) for e in seen] == expected
     assert [e.kind for e in packed] == [RUN_START, QUEUED, RUNNING, RUNNING, DONE]
     members = log.since(1)
-    assert members[0] == Event(QUEUED, "n0", "t", "t(0)", time=members[0].time, index=1,
-                               key="k0", reason="never run")
-    assert members[0].time <= members[1].time <= entries[0].time
+    assert members[0] == Event(QUEUED, "n0", "t", "t(0)", time=100.0, index=1, key="k0",
+                               reason="never run")
+    assert members[1].time == 101.0 and members[3].time == entries[1].time  # its own, or shared
     assert [e.index for e in members] == [1, 1, 1, 2, 2, 3, 4, 4]
     assert [(e.reason, e.engine) for e in members[-2:]] == [("a", "kernel"), ("b", "kernel")]
     assert members[-1].info == {} and members[0].group is None
@@ -84,9 +86,9 @@ def test_a_subscriber_gets_what_a_reader_logged_at_the_writers_next_write():
     log = EventLog()
     seen: list[str] = []
     log.subscribe(lambda e: seen.append(e.node))
-    log.pack(QUEUED, "a", "t", "t(a)")
+    log.pack(QUEUED, ("node",), ("a",))
     assert log.since_packed(0) and seen == []  # logged by the reader: not delivered in its thread
-    log.pack(QUEUED, "b", "t", "t(b)")  # the writer delivers it, then goes on
+    log.pack(QUEUED, ("node",), ("b",))  # the writer delivers it, then goes on
     assert seen == ["a"]
     log.seal()
     assert seen == ["a", "b"] and log.next_index == 2
