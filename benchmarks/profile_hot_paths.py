@@ -4,7 +4,7 @@
     python3 benchmarks/profile_hot_paths.py write     # 10,000 tiny tasks run and committed
     python3 benchmarks/profile_hot_paths.py load      # one cached 800 MB array, Pipeline path
     python3 benchmarks/profile_hot_paths.py rerun --pyinstrument
-    python3 benchmarks/profile_hot_paths.py parts     # the re-run's steps timed one by one
+    python3 benchmarks/profile_hot_paths.py instructions  # a re-run's instructions per task
 
 
 Prints the top functions by own time and by cumulative time, in µs per task (per load for
@@ -12,9 +12,9 @@ Prints the top functions by own time and by cumulative time, in µs per task (pe
 for code made of many small calls; the shares are what to read. The first line gives the same
 work timed without the profiler.
 
-``parts`` times each step of a fully cached re-run on its own, over all 10,000 calls, without
-any profiler (median of --repeat, in CPU time of the process), so the µs per task are real; it uses the package's inner
-functions and says "n/a" for a step whose function changed.
+``instructions`` counts the instructions per task of a cached re-run (record + run, record
+alone, the index lookup alone) under valgrind: deterministic, so two versions of the code can be
+compared on a noisy machine where times cannot resolve 10%.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import pstats
 import sys
 import time
+from typing import Any
 
 import numpy as np
 from _bench import NullStream, parser, scratch
@@ -45,7 +46,7 @@ def make_array(n):
 
 def main() -> int:
     p = parser(__doc__.splitlines()[0], repeat=1)
-    p.add_argument("what", choices=("rerun", "write", "load", "parts"))
+    p.add_argument("what", choices=("rerun", "write", "load", "instructions"))
     p.add_argument("--tasks", type=int, default=10_000)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--pyinstrument", action="store_true")
@@ -56,8 +57,8 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.tasks = 300
-    if args.what == "parts":
-        return parts(args)
+    if args.what == "instructions":
+        return instructions(args)
     n = args.tasks if args.what != "load" else 1
     with scratch("profile", args.keep, args.scratch_base) as root:
         counter = iter(range(10**9))
@@ -132,157 +133,73 @@ def main() -> int:
     return 0
 
 
-def parts(args) -> int:
-    """Each step of a cached re-run, timed alone over all calls."""
-    import statistics
+# What `instructions` runs in a child process under valgrind, inside exec() so that callgrind
+# (--toggle-collect=builtin_exec) counts this and nothing else: not the imports, not the
+# interpreter's exit, not other threads (the index's hit counter writes in one of its own).
+_MEASURED = {
+    "record + run": "pipe = make()\nt = pipe.task(step)\nhs = [t(i) for i in range(n)]\n"
+                    "pipe.run()",
+    "record": "pipe = make()\nt = pipe.task(step)\nhs = [t(i) for i in range(n)]",
+    "store.present": "found = store.present(keys)",
+}
 
-    from nbindustria import keys as K
-    from nbindustria.events import CACHED, Event, EventLog
-    from nbindustria.graph import Graph
-    from nbindustria.reporting import TextReporter
-    from nbindustria.worker import python_env
 
+def instructions(args) -> int:
+    """Instructions per task of a fully cached re-run, counted by valgrind: unlike times on a
+    shared machine, the same code gives the same count (to ~0.1%), so two versions compare
+    in one run each. The count of n/5 tasks is subtracted from that of n (fixed costs
+    cancel)."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is needed (apt-get install valgrind)")
     n = args.tasks
-    repeat = max(args.repeat, 5)
-    # CPU time of this process: a busy neighbour inflates it far less than wall time (every
-    # step here is CPU work or a system call, none waits for the disk).
-    clock = time.process_time
-    results: list[tuple[str, float | None]] = []
-    with scratch("parts", args.keep, args.scratch_base) as root:
-        def pipeline() -> Pipeline:
-            return Pipeline(name="parts", cache_dir=root / "cache", key_dir=root / "keys",
-                            verbose=0, stream=NullStream())
-
-        def whole() -> None:
-            pipe = pipeline()
-            t = pipe.task(step)
-            for i in range(n):
-                t(i)
-            pipe.run()
-            pipe.close()
-
-        whole()
-        pipe = pipeline()
-        task = pipe.task(step)
-        handles = [task(i) for i in range(n)]
-        pipe.run()
-        code_digest = K.code_digest_of(task, __import__("nbindustria.hashing").hashing
-                                       .CodeHasher())[0]
-        encodings = [K.encode_call(task, (i,), {}) for i in range(n)]
-        keys = [h.key for h in handles]
-        env = python_env()
-
-        def timed(name: str, fn, per: int = n) -> None:
-            """fn() is timed whole, unless it returns the seconds it measured itself."""
-            try:
-                fn()
-                times = []
-                for _ in range(repeat):
-                    t0 = clock()
-                    own = fn()
-                    elapsed = clock() - t0
-                    times.append(own if isinstance(own, float) else elapsed)
-                results.append((name, statistics.median(times) / per))
-            except Exception as exc:  # an inner function changed: say so
-                results.append((f"{name} (n/a: {type(exc).__name__}: {exc})", None))
-
-        def open_store() -> float:
-            t0 = clock()
-            p2 = pipeline()
-            _ = p2.store
-            elapsed = clock() - t0
-            p2.close()
-            return elapsed
-
-        def record() -> float:
-            p2 = pipeline()
-            t2 = p2.task(step)
-            t0 = clock()
-            for i in range(n):
-                t2(i)
-            elapsed = clock() - t0
-            p2.close()
-            return elapsed
-
-        def run_only() -> float:
-            p2 = pipeline()
-            t2 = p2.task(step)
-            for i in range(n):
-                t2(i)
-            _ = p2.store
-            t0 = clock()
-            p2.run()
-            elapsed = clock() - t0
-            p2.close()
-            return elapsed
-
-        def labels() -> float:
-            p2 = pipeline()
-            t2 = p2.task(step)
-            hs = [t2(i) for i in range(n)]
-            t0 = clock()
-            for h in hs:
-                _ = h.label
-            elapsed = clock() - t0
-            p2.close()
-            return elapsed
-
-        def events() -> None:
-            log = EventLog()
-            log.subscribe(TextReporter(NullStream(), verbose=0))
-            for h in handles:
-                log.append(Event("added", node=h.node_id, task="step", label=h.label,
-                                 key=h.key or ""))
-                log.append(Event(CACHED, node=h.node_id, task="step", label=h.label,
-                                 key=h.key or ""))
-
-        timed(f"whole re-run: Pipeline() + {n:,} calls + run() + close()", whole)
-        timed("  Pipeline() + first use of its store (open, key, index), spread over the tasks",
-              open_store)
-        timed("  record: task(i) on a fresh pipeline", record)
-        timed("    keys.bind (inspect.Signature.bind + apply_defaults)",
-              lambda: [K.bind(task, (i,), {}) for i in range(n)])
-        timed("    keys.encode_call (bind + encode)",
-              lambda: [K.encode_call(task, (i,), {}) for i in range(n)])
-        timed("    keys.node_id", lambda: [K.node_id(task, e) for e in encodings])
-        timed("  run: pipe.run() (store already open)", run_only)
-        timed("    Graph(handles)", lambda: Graph(handles))
-        timed("    Handle.label, first use (call_label/short_repr)", labels)
-        timed("    keys.cache_key", lambda: [K.cache_key(task, code_digest, e, env)
-                                           for e in encodings])
-        timed("    store.present(keys): index rows + os.stat per entry",
-              lambda: pipe.store.present(keys))
-        timed("      store.index.get_many(keys) alone", lambda: pipe.store.index.get_many(keys))
-        timed("      os.stat of every entry file alone",
-              lambda: [os.stat(pipe.store.entry_path(k)) for k in keys])
-        timed("    2 events per task (added, cached) to a verbose=0 reporter", events)
-        timed("    store.index.add_hits(keys)", lambda: pipe.store.index.add_hits(keys))
-
-        def priorities() -> None:
-            from nbindustria.scheduler import LocalExecutor, Run
-
-            run = Run(store=pipe.store, events=EventLog(), executor=LocalExecutor(),
-                      pipeline_name="parts")
-            run._priorities_for(Graph(handles))
-
-        timed("    Run._priorities_for: index queries of past durations + critical path "
-              "(+ Graph)", priorities)
-        pipe.close()
-    print(f"A fully cached re-run of {n:,} tasks, step by step (median of {repeat}; CPU µs "
-          "per task; the indented steps are parts of the line above them, measured alone)")
-    for name, value in results:
-        print(f"{'' if value is None else f'{value * 1e6:8.2f} µs'}  {name}")
-    names = [k for k, _ in results]
-    run_name = "  run: pipe.run() (store already open)"
-    run_total = dict(results).get(run_name)
-    after_run = results[names.index(run_name) + 1:] if run_name in names else []
-    # The run's own steps (indented by 4, not 6); Graph is counted inside _priorities_for.
-    run_parts = [v for k, v in after_run if k.startswith("    ") and not k.startswith("      ")
-                 and v is not None and "Graph(handles)" not in k]
-    if run_total is not None:
-        print(f"{(run_total - sum(run_parts)) * 1e6:8.2f} µs  (run() minus its steps above: "
-              "the scheduler's own per-task bookkeeping, building events, and the like)")
+    small = n // 5
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    with scratch("instructions", args.keep, args.scratch_base) as root:
+        subprocess.run([sys.executable, __file__, "--child", "fill", str(root), str(n)],
+                       check=True, env=env)
+        print(f"A fully cached re-run of {n:,} tasks step(i): instructions per task "
+              "(valgrind callgrind, the main thread)")
+        for what in list(_MEASURED)[:1] if args.quick else _MEASURED:  # (quick: a smoke run)
+            counts = []
+            for count in (small, n):
+                out = root / f"callgrind-{count}"
+                subprocess.run(
+                    ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+                     "--toggle-collect=builtin_exec", f"--callgrind-out-file={out}",
+                     os.path.realpath(sys.executable), __file__, "--child", what, str(root),
+                     str(count)], check=True, env=env, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                text = (root / f"callgrind-{count}-01").read_text()
+                counts.append(int(re.search(r"^totals: (\d+)", text, re.M).group(1)))
+            print(f"{(counts[1] - counts[0]) / (n - small):10,.0f}  {what}")
     return 0
+
+
+def _child(what: str, root: str, n: int) -> None:
+    """One measured step (see ``_MEASURED``) in this process: the parent counts it."""
+    def make() -> Pipeline:
+        return Pipeline(name="instructions", cache_dir=f"{root}/cache", key_dir=f"{root}/keys",
+                        verbose=0, stream=NullStream())
+
+    if what == "fill":
+        pipe = make()
+        t = pipe.task(step)
+        for i in range(n):
+            t(i)
+        pipe.run()
+        pipe.close()
+        return
+    scope: dict[str, Any] = {"make": make, "step": step, "n": n}
+    if what == "store.present":
+        store = make().store
+        scope["store"] = store
+        scope["keys"] = [row[0] for row in store.index.execute(
+            "SELECT key FROM entries LIMIT ?", (n,))]
+    exec(_MEASURED[what], scope)
 
 
 def _root() -> str:
@@ -292,4 +209,7 @@ def _root() -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit(0)
     sys.exit(main())

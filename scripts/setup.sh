@@ -9,7 +9,7 @@ SUDO=""
 if ! command -v mpiexec >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev chromium fonts-dejavu-core >/dev/null
+  $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev chromium fonts-dejavu-core valgrind >/dev/null
 fi
 
 PIP="python3 -m pip install -q --disable-pip-version-check"

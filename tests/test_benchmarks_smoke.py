@@ -63,6 +63,19 @@ def test_benchmark_runs_quick(name: str, runs: dict[str, tuple[int, str, Path]])
     assert "(kept " not in output  # each script removes its scratch directory in /tmp
 
 
+def test_instruction_counts_of_a_cached_rerun(tmp_path: Path) -> None:
+    """The deterministic measure (valgrind) still runs and counts a cached re-run's work (with
+    --quick, only its first measure: each takes two interpreters under valgrind)."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_hot_paths.py"), "instructions", "--quick"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("A fully cached re-run of 300 tasks"), proc.stdout
+    count, what = lines[1].split(maxsplit=1)
+    assert what == "record + run" and int(count.replace(",", "")) > 1000, proc.stdout
+
+
 # ---- the engine benchmarks (issue 4) -------------------------------------------------------------
 # They start ipyparallel clusters (and Dask for two of them), so they are marked engines and slow;
 # the five start together, each with --quick, and must leave no engine process behind.
