@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import EngineError
+from .worker import probe_shared_dir
 
 if TYPE_CHECKING:
     import ipyparallel
@@ -127,30 +128,39 @@ def _engine_facts() -> dict[str, Any]:
     }
 
 
-def _probe_shared_dir(probe: str, token: str) -> bool:
-    """True if this engine reads ``token`` back from ``probe`` and can write beside it."""
-    import os
+class SharedDirProbe:
+    """A probe file with a random token, written by the kernel into a directory: an engine
+    that reads the token back and can write a file beside it shares that directory (same host,
+    or a shared filesystem). :meth:`Engines.start_shared_dir_check` sends :meth:`check` through
+    ipyparallel; an engine's task loop runs it when it starts (dispatch.py)."""
 
-    try:
-        with open(probe, encoding="utf-8") as f:
-            if f.read() != token:
-                return False
-        mine = f"{probe}.{os.getpid()}"
-        with open(mine, "w", encoding="utf-8") as f:
-            f.write(token)
-        with open(mine, encoding="utf-8") as f:
-            ok = f.read() == token
-        os.remove(mine)
-        return ok
-    except OSError:
-        return False
+    def __init__(self, path: str | os.PathLike[str]):
+        directory = os.path.abspath(os.fspath(path))
+        self.token = secrets.token_hex(16)
+        self.path = os.path.join(directory, f".nbindustria-probe-{self.token}")
+        try:
+            with open(self.path, "x", encoding="utf-8") as f:
+                f.write(self.token)
+        except OSError as exc:
+            raise EngineError(
+                f"cannot write a probe file into {directory!r} from the kernel ({exc}); "
+                "the directory must exist and be writable to be shared with engines"
+            ) from exc
+
+    def check(self) -> Callable[[], bool]:
+        """What an engine calls (nbindustria installed there) to answer the probe."""
+        return functools.partial(probe_shared_dir, self.path, self.token)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
 
 
 def _by_value(func: Callable[..., _T]) -> Callable[..., _T]:
     """A copy of ``func`` that ipyparallel ships as code instead of importing its module.
 
     ipyparallel re-imports a function's module on the engine to find its globals, except for
-    interactively defined functions (module ``__main__``), whose code it sends. The probes above use
+    interactively defined functions (module ``__main__``), whose code it sends. The probes use
     no module globals, so a copy "defined in __main__" works on engines without nbindustria.
     """
     copy = types.FunctionType(func.__code__, {"__name__": "__main__"}, func.__name__)
@@ -364,40 +374,33 @@ class Engines:
         """:meth:`check_shared_dir` in two steps: this sends the probe to the engines and
         returns at once; calling what it returns waits for their answers (so the round trip
         overlaps other work)."""
-        directory = os.path.abspath(os.fspath(path))
-        token = secrets.token_hex(16)
-        probe = os.path.join(directory, f".nbindustria-probe-{token}")
-        try:
-            with open(probe, "x", encoding="utf-8") as f:
-                f.write(token)
-        except OSError as exc:
-            raise EngineError(
-                f"cannot write a probe file into {directory!r} from the kernel ({exc}); "
-                "the directory must exist and be writable to be shared with engines"
-            ) from exc
+        probe = SharedDirProbe(path)
         try:
             pending, results = self._send_each(self.ids() if ids is None else ids,
-                                               _probe_shared_dir, probe, token)
+                                               probe_shared_dir, probe.path, probe.token)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(probe)
+            probe.remove()
             raise
 
         def answers() -> dict[int, bool]:
             try:
                 results.update(self._gather(pending))
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(probe)
+                probe.remove()
             reach = {i: r is True for i, r in results.items()}
-            with self._lock:
-                if ids is None:
-                    self._reach = dict(reach)
-                else:
-                    self._reach.update(reach)
+            self.remember_reach(reach, replace=ids is None)
             return reach
 
         return answers
+
+    def remember_reach(self, reach: dict[int, bool], replace: bool = False) -> None:
+        """Keep engines' answers to a shared-dir probe (shown as :attr:`EngineInfo.can_reach`);
+        ``replace``: they replace every kept answer."""
+        with self._lock:
+            if replace:
+                self._reach = dict(reach)
+            else:
+                self._reach.update(reach)
 
     def add_engines(self, n: int, timeout: float = 90.0) -> list[int]:
         """Start ``n`` more engines in this (owned) cluster and wait for them to register.

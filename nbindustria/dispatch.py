@@ -219,6 +219,10 @@ class EngineExecutor:
         self._loop_msgs: dict[int, dict[int, list[tuple[str, str]]]] = {}
         self._withdrawing: set[int] = set()
         self._loop_of: dict[int, Any] = {}  # engine id -> the AsyncResult of its current loop
+        # engine id -> its loop's answer to the shared-dir probe (None: not yet)
+        self._hellos: dict[int, bool | None] = {}
+        self._hello_answered = threading.Condition(self._lock)
+        self._placed = False  # a job was placed in this run
         self.replacements = 0
         self.replacement_errors: list[str] = []
         self._refresh()
@@ -301,6 +305,8 @@ class EngineExecutor:
         self._store_path = str(store.path)
         self._store_tmp = str(store.entries_dir)
         self._reach_wait = None
+        self._placed = False
+        todo: list[int] = []
         if self._share_store is False:
             reach: dict[int, bool] = {}
         else:
@@ -310,11 +316,86 @@ class EngineExecutor:
             # meanwhile). One that fails to read the store later stops sharing it.
             reach = self._reach_by_dir.setdefault(self._store_tmp, {})
             todo = [e.id for e in self._engines.values() if e.alive and e.id not in reach]
-            if todo:
-                self._reach_wait = self.engines.start_shared_dir_check(self._store_tmp, todo)
         self._reach = reach
+        if self._use_loops:
+            todo = self._start_loops_early(todo if self._share_store is not False else [])
+        if todo:
+            self._reach_wait = self._and_then(
+                self._reach_wait, self.engines.start_shared_dir_check(self._store_tmp, todo))
         self._settle_reach(wait=False)
         return self._store_tmp
+
+    def _start_loops_early(self, todo: list[int]) -> list[int]:
+        """Start the task loops of this host's engines now, at the start of the run, so that
+        they listen by the time the first job is placed (a loop's start is an ipyparallel
+        round trip, 10-15 ms) instead of starting with it; the engines among ``todo`` answer
+        the shared-dir probe as their loop starts (no request of its own). Done when the
+        probe is due anyway or the last run on these engines placed jobs (a run whose results
+        are all cached would start and stop loops for nothing). Returns the engines of
+        ``todo`` still to probe through ipyparallel."""
+        local = [e for e in self._engines.values() if e.alive and e.local and e.loop is None]
+        if not local or not (set(todo) & {e.id for e in local} or _placed_last(self.engines)):
+            return todo
+        from . import cluster
+
+        probe = cluster.SharedDirProbe(self._store_tmp or "") if todo else None
+        asked: list[int] = []
+        for engine in local:
+            hello = (engine.id, probe.check()) if probe is not None and engine.id in todo \
+                else None
+            if hello is not None:
+                with self._lock:  # before the request: its answer may come at once
+                    self._hellos[engine.id] = None
+            try:
+                self._start_loop(engine, hello)
+            except Exception:
+                with self._lock:
+                    self._hellos.pop(engine.id, None)
+                continue  # its first job starts it again (and reports it lost if that fails)
+            if hello is not None:
+                asked.append(engine.id)
+        if probe is None:
+            return todo
+        if not asked:
+            probe.remove()
+            return todo
+        self._reach_wait = self._and_then(self._reach_wait,
+                                          lambda: self._loop_probe_answers(asked, probe))
+        return [i for i in todo if i not in asked]
+
+    def _loop_probe_answers(self, asked: list[int], probe: Any) -> dict[int, bool]:
+        """Wait for the probe answers of the loops that were asked (a loop that ended first, or
+        no answer within the probe's timeout, counts as not reaching the store)."""
+        from . import cluster
+
+        deadline = time.monotonic() + cluster.PROBE_TIMEOUT
+        try:
+            with self._hello_answered:
+                while any(self._hellos.get(i) is None for i in asked):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._hello_answered.wait(left)
+                answers = {i: self._hellos.pop(i, None) is True for i in asked}
+        finally:
+            probe.remove()
+        self.engines.remember_reach(answers)
+        return answers
+
+    @staticmethod
+    def _and_then(first: Callable[[], dict[int, bool]] | None,
+                  second: Callable[[], dict[int, bool]]) -> Callable[[], dict[int, bool]]:
+        """One wait for the answers of two probes."""
+        if first is None:
+            return second
+        return lambda: {**first(), **second()}
+
+    def _loop_hello(self, engine_id: int, answer: Any) -> None:
+        """The channel's thread: a loop answered the probe it was started with."""
+        with self._hello_answered:
+            if engine_id in self._hellos:
+                self._hellos[engine_id] = answer is True
+                self._hello_answered.notify_all()
 
     def _settle_reach(self, wait: bool = True) -> None:
         """Which engines share the store, once the probe sent at the start of the run has
@@ -453,6 +534,7 @@ class EngineExecutor:
                expected: float = UNKNOWN, placed: Callable[[str], None] | None = None,
                ) -> None:
         self._report = report
+        self._placed = True
         if self._reach_wait is not None:
             self._settle_reach()
         known = expected != UNKNOWN
@@ -631,20 +713,10 @@ class EngineExecutor:
         assert report is not None
         keys = [(job.node_id, job.key) for job, _ in batch]
         try:
-            if self._channel is None:
-                self._channel = Channel(self._loop_done, self._loop_withdrawn)
-            channel = self._channel
             if engine.loop is None:
-                # Its loop for this run: connect first (messages wait until it binds).
-                channel.open(engine.id)
-                ar = self.engines.client[engine.id].apply_async(
-                    serve, channel.inbox(engine.id), channel.outbox, os.getpid(), _run_batch,
-                    engine.label)
-                engine.loop = ar
-                with self._lock:
-                    self._loop_of[engine.id] = ar
-                    self._loop_msgs[engine.id] = {}
-                ar.add_done_callback(lambda ar, engine=engine: self._loop_ended(engine, ar))
+                self._start_loop(engine)
+            channel = self._channel
+            assert channel is not None
             with self._lock:
                 self._loop_msgs[engine.id][msg] = keys
             channel.send(engine.id, msg, functions, _pickle_jobs(jobs))
@@ -655,6 +727,24 @@ class EngineExecutor:
             engine.functions.clear()
             for job, _options in batch:
                 report(_lost(job.key, job.node_id, engine, f"could not send: {exc}"))
+
+    def _start_loop(self, engine: _Engine,
+                    hello: tuple[int, Callable[[], Any]] | None = None) -> None:
+        """Start an engine's task loop for this run (one ipyparallel request, answered when the
+        run ends)."""
+        if self._channel is None:
+            self._channel = Channel(self._loop_done, self._loop_withdrawn, self._loop_hello)
+        channel = self._channel
+        # Connect first: messages wait until it binds.
+        channel.open(engine.id)
+        ar = self.engines.client[engine.id].apply_async(
+            serve, channel.inbox(engine.id), channel.outbox, os.getpid(), _run_batch,
+            engine.label, hello)
+        engine.loop = ar
+        with self._lock:
+            self._loop_of[engine.id] = ar
+            self._loop_msgs[engine.id] = {}
+        ar.add_done_callback(lambda ar, engine=engine: self._loop_ended(engine, ar))
 
     def _loop_done(self, msg: int, outcomes: list[Outcome]) -> None:
         """The channel's thread: a message's outcomes came back."""
@@ -697,6 +787,9 @@ class EngineExecutor:
             held = self._loop_msgs.pop(engine.id, {})
             for msg in held:
                 self._withdrawing.discard(msg)
+            if engine.id in self._hellos and self._hellos[engine.id] is None:
+                self._hellos[engine.id] = False  # it never answered the probe
+                self._hello_answered.notify_all()
         report = self._report
         for keys in held.values():
             for node, key in keys:
@@ -736,6 +829,8 @@ class EngineExecutor:
         """The run ended: stop the task loops (their engines answer other requests again)."""
         if self._reach_wait is not None:  # no job was placed: take the probe's answers now
             self._settle_reach()
+        with contextlib.suppress(TypeError):  # engines that cannot be weakly referenced
+            _PLACED[self.engines] = self._placed
         channel, self._channel = self._channel, None
         for engine in self._engines.values():
             engine.loop = None
@@ -836,6 +931,13 @@ class EngineExecutor:
             interrupt()
 
 
+def _placed_last(engines: Engines) -> bool:
+    try:
+        return _PLACED.get(engines, False)
+    except TypeError:  # engines that cannot be weakly referenced
+        return False
+
+
 def _setting_json(variable: str) -> dict[Any, Any]:
     import json
 
@@ -878,6 +980,9 @@ _BLOBS: dict[int, tuple[Any, bytes, str]] = {}
 # Per set of engines: directory -> engine id -> whether it reaches it (probed once).
 _REACH: weakref.WeakKeyDictionary[Engines, dict[str, dict[int, bool]]] = \
     weakref.WeakKeyDictionary()
+# Per set of engines: whether the last run on them placed a job (its next run starts the task
+# loops as it starts; see EngineExecutor._start_loops_early).
+_PLACED: weakref.WeakKeyDictionary[Engines, bool] = weakref.WeakKeyDictionary()
 
 
 def _function_blob(func: Any) -> tuple[bytes, str]:

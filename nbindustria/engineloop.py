@@ -39,17 +39,20 @@ from collections.abc import Callable
 from typing import Any
 
 RUN, DONE, WITHDRAW, WITHDRAWN, STOP = b"run", b"done", b"withdraw", b"withdrawn", b"stop"
+HELLO = b"hello"
 IDLE_CHECK_MS = 1000  # an idle loop looks this often whether the kernel is still there
 
 
 def serve(inbox: str, outbox: str, kernel_pid: int,
-          run_batch: Callable[[dict[str, bytes], bytes, str], list[Any]], label: str) -> int:
+          run_batch: Callable[[dict[str, bytes], bytes, str], list[Any]], label: str,
+          hello: tuple[int, Callable[[], Any]] | None = None) -> int:
     """Runs on an engine: run the messages of jobs that arrive on ``inbox`` in order, push each
     one's outcomes to ``outbox``; returns how many messages it ran.
 
     Tasks run on the engine's main thread (as any ipyparallel request would); a thread of the
     loop takes the kernel's messages meanwhile, so that a message can be taken back while the
-    task before it runs."""
+    task before it runs. ``hello``: ``(tag, call)``, a call made once the loop listens, whose
+    result is pushed back first (the shared-dir probe of a run: no request of its own)."""
     import zmq
 
     ctx: Any = zmq.Context.instance()
@@ -61,6 +64,14 @@ def serve(inbox: str, outbox: str, kernel_pid: int,
     receiver.start()
     ran = 0
     try:
+        if hello is not None:
+            tag, call = hello
+            try:
+                answer = call()
+            except Exception as exc:  # an answer all the same: the kernel must not wait
+                answer = exc
+            push.send_multipart([HELLO, str(tag).encode(),
+                                 pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)])
         while True:
             item = state.next()
             if item is None:
@@ -150,11 +161,13 @@ def _alive(pid: int) -> bool:
 
 class Channel:
     """The kernel's end: one socket to each engine's loop, one socket (read by a thread of its
-    own) for the outcomes of all of them. ``on_done(msg, outcomes)`` and
-    ``on_withdrawn(msg)`` are called on that thread. Made for one run; :meth:`close` ends it."""
+    own) for the outcomes of all of them. ``on_done(msg, outcomes)``, ``on_withdrawn(msg)``
+    and ``on_hello(tag, answer)`` are called on that thread. Made for one run; :meth:`close`
+    ends it."""
 
     def __init__(self, on_done: Callable[[int, list[Any]], None],
-                 on_withdrawn: Callable[[int], None]):
+                 on_withdrawn: Callable[[int], None],
+                 on_hello: Callable[[int, Any], None] | None = None):
         import zmq
 
         self._zmq = zmq
@@ -166,6 +179,7 @@ class Channel:
         self._to: dict[int, Any] = {}
         self._on_done = on_done
         self._on_withdrawn = on_withdrawn
+        self._on_hello = on_hello
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="nbindustria-engine-loops",
                                         daemon=True)
@@ -213,6 +227,8 @@ class Channel:
                     self._on_done(int(msg), pickle.loads(rest[0]))
                 elif kind == WITHDRAWN:
                     self._on_withdrawn(int(msg))
+                elif kind == HELLO and self._on_hello is not None:
+                    self._on_hello(int(msg), pickle.loads(rest[0]))
         except zmq.ZMQError:
             pass
         finally:

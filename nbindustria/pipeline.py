@@ -118,8 +118,10 @@ class Pipeline:
             self._executor = None
 
     def close(self) -> None:
+        """Close the cache. Everything stored is already durable: the index's last steps
+        (SQLite's checkpoint) finish on a thread, which the interpreter waits for at exit."""
         if self._store is not None:
-            self._store.close()
+            self._store.close(wait=False)
             self._store = None
 
     def __enter__(self) -> Pipeline:

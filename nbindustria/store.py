@@ -691,11 +691,30 @@ def disk_error(path: str | os.PathLike[str], doing: str, exc: BaseException) -> 
     return StoreError(f"{doing}: {what}")
 
 
+# Indexes being closed on a thread (Index.close(wait=False)), by path.
+_CLOSING: dict[str, list[threading.Thread]] = {}
+_CLOSING_LOCK = threading.Lock()
+
+
+def wait_closed(path: str | os.PathLike[str]) -> None:
+    """Wait until every index at ``path`` that this process is closing in the background is
+    closed."""
+    with _CLOSING_LOCK:
+        threads = list(_CLOSING.get(os.path.abspath(path), ()))
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join()
+
+
 class Index:
     """SQLite metadata beside the entries. Derived data: ``rebuild`` makes it again from them."""
 
     def __init__(self, path: Path):
         self.path = path
+        # An index of this path still being closed by this process (close(wait=False)) is
+        # closed first, so that its last steps (the checkpoint, removing the WAL) never overlap
+        # this connection's start in the same process.
+        wait_closed(path)
         self._lock = threading.RLock()
         self._hits_lock = threading.Lock()
         self._pending_hits: list[str] = []
@@ -742,10 +761,36 @@ class Index:
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(f"{path}{suffix}", 0o600)
 
-    def close(self) -> None:
-        self.flush_hits()
-        with self._lock:
-            self._conn.close()
+    def close(self, wait: bool = True) -> None:
+        """Close the connection. ``wait=False`` closes it on a thread and returns at once:
+        closing the last connection checkpoints the WAL into the database file and flushes it
+        (8-12 ms), which the caller need not wait for. What the index holds is derived data
+        (entries are durable before they are indexed, ``Store.commit``, and a segment the index
+        lost is indexed again on open), and every transaction is in the WAL already: the thread
+        is not a daemon, so the interpreter finishes the close before it exits; a process that
+        dies first leaves the WAL, which the next opener replays. Opening the same index again
+        in this process waits for the close (:func:`wait_closed`)."""
+        # At interpreter exit (atexit) a new thread would no longer be waited for: close here.
+        if wait or not threading.main_thread().is_alive():
+            self._close()
+            return
+        thread = threading.Thread(target=self._close, name="nbindustria-index-close")
+        with _CLOSING_LOCK:
+            _CLOSING.setdefault(os.path.abspath(self.path), []).append(thread)
+        thread.start()  # not a daemon: the interpreter waits for it
+
+    def _close(self) -> None:
+        try:
+            self.flush_hits()
+            with self._lock:
+                self._conn.close()
+        finally:
+            with _CLOSING_LOCK:
+                threads = _CLOSING.get(os.path.abspath(self.path), [])
+                if threading.current_thread() in threads:
+                    threads.remove(threading.current_thread())
+                    if not threads:
+                        del _CLOSING[os.path.abspath(self.path)]
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -998,8 +1043,9 @@ class Store:
                     if now - entry.stat().st_mtime > older_than:
                         os.unlink(entry.path)
 
-    def close(self) -> None:
-        self.index.close()
+    def close(self, wait: bool = True) -> None:
+        """Close the index (``wait=False``: in the background, see :meth:`Index.close`)."""
+        self.index.close(wait)
 
     # ---- paths and signatures -----------------------------------------------------------------
 

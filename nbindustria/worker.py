@@ -174,6 +174,27 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+def probe_shared_dir(probe: str, token: str) -> bool:
+    """True if this engine reads ``token`` back from ``probe`` and can write beside it (the
+    kernel wrote ``probe``: cluster.SharedDirProbe). Uses no module globals: cluster.py ships a
+    copy of it to engines that may not have nbindustria."""
+    import os
+
+    try:
+        with open(probe, encoding="utf-8") as f:
+            if f.read() != token:
+                return False
+        mine = f"{probe}.{os.getpid()}"
+        with open(mine, "w", encoding="utf-8") as f:
+            f.write(token)
+        with open(mine, encoding="utf-8") as f:
+            ok = f.read() == token
+        os.remove(mine)
+        return ok
+    except OSError:
+        return False
+
+
 def execute(job: Job, loader: Loader = engine_loader, engine: str = "kernel",
             segment: SegmentWriter | None = None) -> Outcome:
     """Run one job and return its outcome; never raises for the task's own errors. A small

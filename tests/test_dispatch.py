@@ -666,13 +666,13 @@ def test_the_shared_dir_probe_is_made_once_per_directory_for_every_executor(tmp_
     every engine), kept with the engines for later executors, and never leaves its probe file
     behind, also when no job is placed."""
     probes: list[str] = []
-    start = engines.start_shared_dir_check
 
-    def counting(path, ids=None):
-        probes.append(str(path))
-        return start(path, ids)
+    class Counted(cluster_mod.SharedDirProbe):  # each probe writes one of these
+        def __init__(self, path):
+            probes.append(str(path))
+            super().__init__(path)
 
-    monkeypatch.setattr(engines, "start_shared_dir_check", counting)
+    monkeypatch.setattr(cluster_mod, "SharedDirProbe", Counted)
     for i in range(2):
         pipe = _pipe(tmp_path, engines)
         task = pipe.task(sleepy)
@@ -693,3 +693,69 @@ def test_the_shared_dir_probe_is_made_once_per_directory_for_every_executor(tmp_
     assert again.run().cached == 1
     assert len(probes) == 2
     assert not [p for p in (other / "cache").rglob("*") if ".nbindustria-probe" in p.name]
+
+
+def test_task_loops_start_with_the_run_and_answer_the_probe(tmp_path, engines, monkeypatch):
+    """The engines' task loops start when the run starts, not with its first job (their start
+    is a round trip that then overlaps the keys and the cache lookups): when the first job is
+    placed, every loop is already running and has answered the shared-dir probe of a new cache
+    directory; no probe goes through ipyparallel; every result comes back."""
+    def no_ipyparallel_probe(*args, **kwargs):
+        raise AssertionError("engines with a task loop were probed through ipyparallel")
+
+    monkeypatch.setattr(engines, "start_shared_dir_check", no_ipyparallel_probe)
+    pipe = _pipe(tmp_path, engines)
+    executor = pipe.executor
+    at_first_job: list[dict[int, bool]] = []
+    submit = executor.submit
+
+    def watched(job, *args, **kwargs):
+        if not at_first_job:
+            at_first_job.append({e.id: e.loop is not None for e in executor._engines.values()})
+        return submit(job, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "submit", watched)
+    task = pipe.task(sleepy)
+    handles = [task(i, 0.05) for i in range(6)]
+    assert pipe.run().ran == 6
+    assert at_first_job and len(at_first_job[0]) == 2
+    assert all(at_first_job[0].values()), at_first_job
+    assert all(row["reaches_store"] for row in executor.engine_table())
+    assert executor.loop_messages == executor.messages_sent == 6
+    assert [h.result() for h in handles] == list(range(6))
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".nbindustria-probe" in p.name]
+    # The engines answer ordinary requests again.
+    assert sorted(engines.client[:].apply_sync(os.getpid)) == sorted(
+        e.pid for e in executor._engines.values())
+
+
+def test_task_loops_are_not_started_for_runs_that_place_nothing(tmp_path, engines, monkeypatch):
+    """A run right after one that placed jobs starts the loops early (it will likely need
+    them); once a run placed nothing (every result cached), the next one starts none unless a
+    job is placed."""
+    import nbindustria.dispatch as dispatch
+
+    channels: list[object] = []
+
+    class Counted(dispatch.Channel):
+        def __init__(self, *args, **kwargs):
+            channels.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "Channel", Counted)
+    task_calls = 4
+
+    def run_once(rerun: tuple[str, ...] = ()) -> tuple[int, int, int]:
+        pipe = _pipe(tmp_path, engines)
+        task = pipe.task(sleepy)
+        handles = [task(i, 0.02) for i in range(task_calls)]
+        before = len(channels)
+        summary = pipe.run(rerun=rerun)
+        assert [h.result() for h in handles] == list(range(task_calls))
+        return summary.ran, summary.cached, len(channels) - before
+
+    assert run_once() == (4, 0, 1)  # a new directory: loops start to answer the probe
+    assert run_once() == (0, 4, 1)  # the last run placed jobs: started early, for nothing
+    assert run_once() == (0, 4, 0)  # the last run placed nothing: none started
+    assert run_once(("sleepy",)) == (4, 0, 1)  # started with the first job
+    assert run_once() == (0, 4, 1)

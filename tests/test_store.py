@@ -1033,3 +1033,77 @@ def test_scalars_are_pickled_as_cloudpickle_would(store: Store, value: Any) -> N
     assert staged.payload == cloudpickle.dumps(value, protocol=5)
     store.commit([staged])
     assert store.load(KEY) == value
+
+
+def test_pipeline_close_checkpoints_on_a_thread_that_the_process_waits_for(
+        tmp_path: Path) -> None:
+    """``Pipeline.close()`` leaves the index's close (SQLite's checkpoint, 8-12 ms) to a thread
+    and returns at once; a process that exits right after still finishes it: the next process
+    finds the index whole and checkpointed (no WAL left), and every result."""
+    import sqlite3
+    import subprocess
+    import sys
+    import textwrap
+
+    cache, keys = tmp_path / "cache", tmp_path / "keys"
+    script = textwrap.dedent(f"""
+        import io, threading, time
+        import nbindustria.store as store
+        from nbindustria import Pipeline
+
+        closed_on = []
+        real_close = store.Index._close
+
+        def slow_close(self):  # a slow disk: the process must still wait for it
+            time.sleep(0.3)
+            closed_on.append(threading.current_thread().name)
+            real_close(self)
+            print("closed on", closed_on[0], flush=True)
+
+        store.Index._close = slow_close
+        pipe = Pipeline(name="t", cache_dir={str(cache)!r}, key_dir={str(keys)!r}, verbose=0,
+                        stream=io.StringIO())
+        square = pipe.task(lambda i: i * i, name="square")
+        handles = [square(i) for i in range(20)]
+        assert pipe.run().ran == 20
+        pipe.close()
+        print("close returned", closed_on, flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["close returned []",
+                                          "closed on nbindustria-index-close"], done.stdout
+    assert not (cache / f"{INDEX_NAME}-wal").exists()  # the last close checkpointed
+    conn = sqlite3.connect(cache / INDEX_NAME)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT COUNT(*) FROM entries").fetchone() == (20,)
+    finally:
+        conn.close()
+    store = Store(cache, keys)
+    try:
+        stored = [key for (key,) in store.index.execute("SELECT key FROM entries")]
+        assert sorted(store.load(key) for key in stored) == sorted(i * i for i in range(20))
+    finally:
+        store.close()
+
+
+def test_a_cache_closed_in_the_background_opens_again_at_once(cache_dir: Path, key_dir: Path,
+                                                              counter: Counter) -> None:
+    """Opening a cache again in the same process right after ``Pipeline.close()`` waits for
+    the background close: every result is found, nothing runs twice."""
+    for round_ in range(3):
+        pipe = Pipeline(name="t", cache_dir=cache_dir, key_dir=key_dir, verbose=0)
+
+        @pipe.task
+        def f(x: int) -> int:
+            counter.hit("f")
+            return x * x
+
+        handles = [f(i) for i in range(10)]
+        summary = pipe.run()
+        assert (summary.ran, summary.cached) == ((10, 0) if round_ == 0 else (0, 10))
+        assert pipe.results(handles) == [i * i for i in range(10)]
+        pipe.close()
+    assert counter["f"] == 10
