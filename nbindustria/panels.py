@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import itertools
 import operator
@@ -896,7 +897,8 @@ class RunView:
             stats.runs += done
             stats.failures += len(group_kinds) - done
             stats.wall = sum(group_walls, stats.wall)
-            measured = [p for p in group_peaks if p is not None]
+            measured = cast("list[int]", list(filter(functools.partial(operator.is_not, None),
+                                                      group_peaks)))
             if measured and max(measured) > stats.peak:
                 stats.peak = max(measured)
 
@@ -1535,12 +1537,21 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
     running: list[dict[str, Any]] = []
     per_row: dict[str, int] = {}
     rows = view._rows
-    for node_id, engine in view.running.items():
-        # A bar needs its row: the engine, once the scheduler knows where the task runs. An
-        # engine that took many tasks at once (the kernel's own executor, before a group
-        # commit) shows its first few: the rest would only stack on the same row.
-        if not engine:
-            continue
+    # A bar needs its row: the engine, once the scheduler knows where the task runs. An engine
+    # that took many tasks at once (the kernel's own executor, before a group commit) shows
+    # its first few: the rest would only stack on the same row. Picked per engine in C (the
+    # kernel may hold thousands), then in the order they started.
+    engines_running = view.running.values()
+    placed = [engine for engine in dict.fromkeys(engines_running) if engine]
+    picked: list[str] = []
+    for engine in placed:
+        picked += itertools.islice(itertools.compress(
+            view.running, map(engine.__eq__, engines_running)), RUNNING_PER_ROW)
+    if len(placed) > 1:  # several engines: in the order they started
+        order = {node_id: i for i, node_id in enumerate(view.running)}
+        picked.sort(key=order.__getitem__)
+    for node_id in picked:
+        engine = view.running[node_id]
         row = rows.get(engine)
         if row is None:
             row = rows[engine] = engine_short(engine)
