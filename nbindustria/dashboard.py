@@ -9,9 +9,10 @@
   vs runs: three charts in one plotly ``FigureWidget`` (each FigureWidget carries plotly.js).
 
 The emitting thread (the scheduler) only appends to the log. A background thread pulls
-``log.since(index)`` a few times a second, folds the new events into a :class:`panels.RunView`
-and pushes what changed in one batch; when a refresh gets expensive (a very large run) it waits
-longer, so that the dashboard's share of the kernel's time stays small.
+``log.since_packed(index)`` a few times a second, folds the new entries (packed events from
+their columns: see events.py) into a :class:`panels.RunView` and pushes what changed in one
+batch; when a refresh gets expensive (a very large run) it waits longer, so that the
+dashboard's share of the kernel's time stays small.
 
 :func:`write_report` writes the same views as one standalone HTML file (plotly.js inlined, the graph
 as inline SVG), which opens without a kernel and without internet.
