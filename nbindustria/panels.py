@@ -264,6 +264,9 @@ class Envelope:
             return
         self.points.append(self.pending)
         self.pending, self.filled = None, 0
+        self._bound()
+
+    def _bound(self) -> None:
         if len(self.points) > self.limit:
             pairs = zip(self.points[0::2], self.points[1::2], strict=False)
             merged = [a if a[1] >= b[1] else b for a, b in pairs]
@@ -273,9 +276,23 @@ class Envelope:
             self.width *= 2
 
     def add_many(self, times: list[float], values: Sequence[float]) -> None:
-        """``add`` of each sample in turn, a stretch at a time."""
+        """``add`` of each sample in turn, a stretch at a time (whole stretches of a long
+        series in one numpy pass each time the width changes)."""
         n, start = len(values), 0
         while start < n:
+            width = self.width
+            whole = min((n - start) // width, self.limit + 1 - len(self.points))
+            if not self.filled and whole >= 64:
+                import numpy as np  # the dashboard's dependency; only a large run comes here
+
+                block = np.asarray(values[start:start + whole * width], dtype=float)
+                picked = (start + np.arange(whole) * width
+                          + block.reshape(whole, width).argmax(axis=1)).tolist()
+                self.points += zip([times[i] for i in picked], [values[i] for i in picked],
+                                   strict=True)
+                start += whole * width
+                self._bound()
+                continue
             end = min(n, start + self.width - self.filled)
             stretch = values[start:end]
             top = max(stretch)
@@ -670,10 +687,18 @@ class RunView:
     def _fold(self, batch: list[Event], kinds: list[str]) -> None:
         """Fold a batch of task events (no run-level ones) into the view."""
         packed = [i for i, e in enumerate(batch) if e.group is not None]
+        # Tasks placed and finished within one batch (a packed RUNNING event, then a packed
+        # DONE or FAILED one: the kernel's tasks between two pulls) need not pass through the
+        # running state: their outcome sets it.
+        outcomes = [i for i in packed if kinds[i] in (DONE, FAILED)]
         begin = 0
         for i in packed:  # folded from their columns, between the plain events around them
             self._fold_plain(batch[begin:i], kinds[begin:i])
-            self._fold_packed(batch[i])
+            ended = None
+            if kinds[i] == RUNNING and outcomes and outcomes[-1] > i:
+                ended = set(itertools.chain.from_iterable(
+                    batch[j].nodes() for j in outcomes if j > i))
+            self._fold_packed(batch[i], ended)
             begin = i + 1
         self._fold_plain(batch[begin:], kinds[begin:])
 
@@ -739,8 +764,9 @@ class RunView:
             self._outcomes(outcomes)
         self.version += 1
 
-    def _fold_packed(self, event: Event) -> None:
-        """Fold a packed event (events.py) from its columns: as its members one by one."""
+    def _fold_packed(self, event: Event, ended: set[str] | None = None) -> None:
+        """Fold a packed event (events.py) from its columns: as its members one by one.
+        ``ended``: nodes whose outcome comes later in the same batch (for RUNNING)."""
         kind, group = event.kind, event.group
         assert group is not None
         nodes = group["node"]
@@ -779,18 +805,28 @@ class RunView:
             tasks, labels = column("task"), column("label")
             self._add_columns([nodes[i] for i in new], [tasks[i] for i in new],
                               [labels[i] for i in new], [()] * len(new))
-        self._change_states(keys, kind)
         same = itertools.repeat(event)
         if kind == RUNNING:
-            self.attempts.update(nodes)
-            self.last_start.update(zip(keys, same, strict=False))  # (same: endless)
             engines = column("engine")
+            self.attempts.update(nodes)
+            self.engines_seen.update(engines)
+            self.engines_seen.discard("")
+            self.last_start.update(zip(nodes, same, strict=False))  # (same: endless)
+            if ended and keys is nodes:
+                going = list(map(ended.__contains__, nodes))
+                if True in going:  # only what their start tells: attempts, start, engine
+                    staying = list(map(operator.not_, going))
+                    nodes = keys = list(itertools.compress(nodes, staying))
+                    engines = list(itertools.compress(engines, staying))
+            self._change_states(keys, kind)
             if keys is nodes:
                 self.running.update(zip(nodes, engines, strict=True))
             else:  # in the order each last started, with that start's engine
                 at = sorted(dict(zip(nodes, range(n), strict=True)).values())
                 self.running.update([(nodes[i], engines[i]) for i in at])
-        if kind == RUNNING or kind in (DONE, FAILED, SKIPPED):
+        else:
+            self._change_states(keys, kind)
+        if kind in (DONE, FAILED, SKIPPED):
             self.engines_seen.update(column("engine"))
             self.engines_seen.discard("")
         self.last_event.update(zip(keys, same, strict=False))
