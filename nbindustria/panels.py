@@ -394,13 +394,12 @@ class Bars:
     a list per field, so that 10,000 attempts are not 10,000 objects for the garbage collector
     to count and traverse while the run goes on."""
 
-    __slots__ = ("ended", "engine", "label", "node", "peak", "started", "state", "task")
-    FIELDS = ("node", "task", "label", "engine", "started", "ended", "state", "peak")
+    __slots__ = ("ended", "engine", "node", "peak", "started", "state", "task")
+    FIELDS = ("node", "task", "engine", "started", "ended", "state", "peak")  # (labels: the view's)
 
     def __init__(self) -> None:
         self.node: list[str] = []
         self.task: list[str] = []
-        self.label: list[str] = []
         self.engine: list[str] = []  # the full engine text, "kernel" if unknown
         self.started: list[float] = []
         self.ended: list[float] = []
@@ -415,7 +414,7 @@ class Bars:
             getattr(self, name).extend(columns[name])
 
     def rows(self, start: int = 0) -> Iterable[tuple[Any, ...]]:
-        """(node, task, label, engine, started, ended, state, peak) per attempt from ``start``."""
+        """(node, task, engine, started, ended, state, peak) per attempt from ``start``."""
         return zip(*(getattr(self, name)[start:] for name in self.FIELDS), strict=True)
 
 
@@ -911,13 +910,16 @@ class RunView:
         walls = [w if w is not None else b - a
                  for w, a, b in zip(durations, starts, ends, strict=True)] \
             if None in durations else cast("list[float]", durations)
-        names = list(map(task_of.__getitem__, ids))
+        if len(tasks) == 1:  # one task name (a large run's usual case)
+            names = [next(iter(tasks))] * len(ids)
+        else:
+            names = list(map(task_of.__getitem__, ids))
         if "" in engines:
             engines = [e or self.engine(n) or "kernel"
                        for e, n in zip(engines, ids, strict=True)]
         # The charts' structures take them in when they are drawn (fold_bars).
-        self.bars.extend(node=ids, task=names, label=list(map(self.label_of.__getitem__, ids)),
-                         engine=engines, started=starts, ended=ends, state=kinds, peak=peaks)
+        self.bars.extend(node=ids, task=names, engine=engines, started=starts, ended=ends,
+                         state=kinds, peak=peaks)
         groups: dict[str, tuple[list[str], list[float], list[int | None]]] = {}
         if names.count(names[0]) == len(names):  # one task name (a large run's usual case)
             groups[names[0]] = (kinds, walls, peaks)
@@ -1551,7 +1553,9 @@ def timeline(source: RunView | Iterable[Event], now: float | None = None) -> dic
     bars: list[dict[str, Any]] = []
     segments: list[dict[str, Any]] = []
     if count <= MAX_BARS:
-        for node_id, task, label, engine, started, ended, state, _ in view.bars.rows():
+        label_of = view.label_of
+        for node_id, task, engine, started, ended, state, _ in view.bars.rows():
+            label = label_of[node_id]
             bars.append({
                 "node": node_id,
                 "task": task,
@@ -1633,7 +1637,8 @@ def memory(source: RunView | Iterable[Event]) -> dict[str, Any]:
         color = view.tasks[name].color
         bars = view.bars
         for i in sample.sample():
-            node_id, task, label, engine = bars.node[i], bars.task[i], bars.label[i], bars.engine[i]
+            node_id, task, engine = bars.node[i], bars.task[i], bars.engine[i]
+            label = view.label_of[node_id]
             ended, peak = bars.ended[i], bars.peak[i]
             points.append({
                 "node": node_id,

@@ -303,12 +303,17 @@ def test_packed_events_naming_a_node_twice():
               ended=[T0 + 2, T0 + 3, T0 + 4], duration=[1.0, 1.0, None],
               engine=["e 1", "", "e 1"], peak_memory=[1, 2, None]),
         group(CACHED, ["Z"], duration=[3.0], engine=["e 9"]),
+        # V and U start (neither was added); V ends within the same batch, U runs on
+        group(RUNNING, ["V", "U"], engine=["e 3", "e 3"], started=[T0 + 5, T0 + 5]),
+        group(DONE, ["V"], started=[T0 + 5], ended=[T0 + 6], duration=[1.0], engine=["e 3"]),
     ]
     members = [e for p in stream for e in p.members()]
     for size in (1, 2, 100):
         view, one_by_one = _folded_both_ways(members, stream, size)
         assert dict(view.nodes) == dict(one_by_one.nodes)
-        assert view.attempts == {"X": 2, "Y": 1, "W": 1} and list(view.running) == ["W"]
+        assert view.attempts == {"X": 2, "Y": 1, "W": 1, "V": 1, "U": 1}
+        assert list(view.running) == ["W", "U"] and view.state["V"] == DONE
+        assert list(view.task_of)[-2:] == ["V", "U"]  # in the order they first appeared
         assert view.engine("X") == "e 2" and view.running_at("W") == stream[3].time
 
 
