@@ -966,7 +966,8 @@ class RunView:
             return
         ids, deps = list(ids), list(deps)
         names = [name or "?" for name in names] if "" in names else list(names)
-        for name in dict.fromkeys(names):
+        per_name = collections.Counter(names)  # (in order of first appearance)
+        for name in per_name:
             if name not in self.tasks:
                 taken = {stats.color for stats in self.tasks.values()}
                 self.tasks[name] = TaskStats(name=name, rank=len(self.tasks),
@@ -979,9 +980,9 @@ class RunView:
             self.deps_of.update([(i, d) for i, d in zip(ids, deps, strict=True) if d])
         first = len(self.seq_of)
         self.seq_of.update(zip(ids, range(first, first + len(ids)), strict=True))
-        self.state.update(dict.fromkeys(ids, ADDED))
+        self.state.update(zip(ids, itertools.repeat(ADDED), strict=False))
         self.counts[ADDED] += len(ids)
-        for name, n in collections.Counter(names).items():
+        for name, n in per_name.items():
             self.tasks[name].counts[ADDED] += n
         # Depths as nodes arrive (the scheduler adds them in dependency order): a dependency
         # that is not known yet, or a node that earlier ones named as one, means a recompute.
@@ -997,7 +998,7 @@ class RunView:
                         depth = known + 1
                 depth_of[node_id] = depth
         else:
-            depth_of.update(dict.fromkeys(ids, 0))
+            depth_of.update(zip(ids, itertools.repeat(0), strict=False))
         if missing and not missing.isdisjoint(ids):
             self._depths_stale = True
         self.version += 1
