@@ -11,8 +11,11 @@ the tasks on one host never together exceed its cores or memory. The scheduler h
 in priority order, so "the next task to the next free engine" is the policy.
 
 * Long tasks go one at a time: nothing is queued behind a task whose end is unknown, so no work
-  is stranded behind a task that runs longer than thought. The exception hides the round trip
-  when durations are recorded: on an engine of the kernel's host, which runs a task loop
+  is stranded behind a task that runs longer than thought. In a first run, once every engine
+  of the kernel's host is busy, the next task is *offered* to all of their task loops: the
+  first to end its task claims it (engineloop.py) and runs it without a round trip to the
+  kernel, which is greedy list scheduling without the round trip; an engine the kernel sees
+  free takes an offer still out back first. Recorded durations hide the round trip otherwise: on an engine of the kernel's host, which runs a task loop
   (engineloop.py), a task with a recorded duration is queued behind the one running there, on
   the engine whose known work ends first (longest-processing-time order); an engine that falls
   idle with nothing ready for it takes back the last message queued on a busy loop if it has
@@ -54,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from .engineloop import Channel, serve
+from .engineloop import Channel, claimed_by, serve
 from .errors import EngineError, NbindustriaError
 from .task import TaskOptions
 from .worker import Job, Outcome, engine_loader, execute
@@ -158,6 +161,22 @@ class _Host:
     used_gpus: float = 0.0
 
 
+@dataclass
+class _Offer:
+    """A job of unknown duration offered to the task loops of busy engines: the first of them
+    to end its task runs it (engineloop.py), so that it starts without a round trip to the
+    kernel and still waits behind no task in particular."""
+    seq: int
+    msg: int
+    job: Job
+    options: TaskOptions
+    expected: float
+    digest: str
+    placed: Callable[[str], None] | None
+    to: set[int]  # the engines it was offered to (their loops may claim it)
+    claimed: int | None = None  # the engine that claimed it, once the kernel heard
+
+
 class EngineExecutor:
     """Places jobs on ipyparallel engines (see the module docstring for the policy)."""
 
@@ -223,6 +242,14 @@ class EngineExecutor:
         self._hellos: dict[int, bool | None] = {}
         self._hello_answered = threading.Condition(self._lock)
         self._placed = False  # a job was placed in this run
+        # Offers not yet settled, by offer number (guarded by _lock: a loop's end, on
+        # ipyparallel's thread, reads them), and the claims the channel's thread heard of,
+        # applied to the placement state by the scheduler's loop thread (_settle_offers).
+        self._offers: dict[int, _Offer] = {}
+        self._claims: list[int] = []
+        self._offer_seq = 0
+        self.offers_made = 0
+        self.offers_claimed = 0  # by an engine's loop (the others went to a free engine)
         self.replacements = 0
         self.replacement_errors: list[str] = []
         self._refresh()
@@ -510,11 +537,14 @@ class EngineExecutor:
         return max(expected, mean) if expected < SHORT_TASK else expected
 
     def free_slot_for(self, options: TaskOptions, expected: float = UNKNOWN) -> bool:
+        if self._offers or self._claims:
+            self._settle_offers()
+        known = expected != UNKNOWN
         expected = self._expected(options, expected)
         engine = self._candidate(options, expected)
         # The scheduler submits right after asking: remember the answer for that submit.
         self._slot = (options, expected, engine) if engine is not None else None
-        return engine is not None
+        return engine is not None or bool(self._offer_targets(options, expected, known))
 
     def next_free_in(self) -> float | None:
         """Seconds until the first engine with work of recorded durations is expected to be
@@ -537,6 +567,8 @@ class EngineExecutor:
         self._placed = True
         if self._reach_wait is not None:
             self._settle_reach()
+        if self._offers or self._claims:
+            self._settle_offers()
         known = expected != UNKNOWN
         expected = self._expected(options, expected)
         short = expected < SHORT_TASK
@@ -546,7 +578,11 @@ class EngineExecutor:
         else:
             engine = self._candidate(options, expected)
         if engine is None:
-            raise EngineError(f"no engine is free for {job.label}")  # the loop checked first
+            targets = self._offer_targets(options, expected, known)
+            if not targets:
+                raise EngineError(f"no engine is free for {job.label}")  # the loop checked
+            self._offer(job, options, expected, placed, targets)
+            return
         self._reserve(engine, options)
         if not short:
             # Its end is known only if this job's duration and the end of what the engine
@@ -603,6 +639,8 @@ class EngineExecutor:
             if self._pending[engine_id]:
                 self._send(self._engines[engine_id])
         if self._channel is not None:
+            if self._offers or self._claims:
+                self._settle_offers()
             self._steal()
 
     # An engine runs one job at a time: the jobs it holds (a batch, a second message queued
@@ -733,13 +771,14 @@ class EngineExecutor:
         """Start an engine's task loop for this run (one ipyparallel request, answered when the
         run ends)."""
         if self._channel is None:
-            self._channel = Channel(self._loop_done, self._loop_withdrawn, self._loop_hello)
+            self._channel = Channel(self._loop_done, self._loop_withdrawn, self._loop_hello,
+                                    self._loop_claimed)
         channel = self._channel
         # Connect first: messages wait until it binds.
         channel.open(engine.id)
         ar = self.engines.client[engine.id].apply_async(
             serve, channel.inbox(engine.id), channel.outbox, os.getpid(), _run_batch,
-            engine.label, hello)
+            engine.label, hello, engine.id)
         engine.loop = ar
         with self._lock:
             self._loop_of[engine.id] = ar
@@ -769,8 +808,7 @@ class EngineExecutor:
             return
         self.withdrawn += 1
         for node, key in keys:
-            report(Outcome(key=key, node_id=node, ok=False, error_type="Withdrawn",
-                           error_message="taken back from an engine's queue before it started"))
+            report(_withdrawn(key, node))
 
     def _loop_ended(self, engine: _Engine, ar: Any) -> None:
         """ipyparallel's thread: an engine's loop request ended (stopped, interrupted, or the
@@ -790,13 +828,160 @@ class EngineExecutor:
             if engine.id in self._hellos and self._hellos[engine.id] is None:
                 self._hellos[engine.id] = False  # it never answered the probe
                 self._hello_answered.notify_all()
+            lost, orphans = self._offers_of_ended_loop(engine)
         report = self._report
         for keys in held.values():
             for node, key in keys:
                 if report is not None:
                     report(_lost(key, node, engine, why))
+        if report is not None:
+            for offer in lost:
+                report(_lost(offer.job.key, offer.job.node_id, engine, why))
+            for offer in orphans:
+                report(_withdrawn(offer.job.key, offer.job.node_id))
         if engine.loop is ar:
             engine.loop = None
+
+    # ---- offers: the next job to whichever busy loop ends first (first runs) -------------------
+
+    def _offer_targets(self, options: TaskOptions, expected: float, known: bool
+                       ) -> list[_Engine]:
+        """The engines a job may be offered to: when its duration is unknown (a first run) and
+        every engine that could take it is busy with one task of its own, each running a task
+        loop and holding the same resources on its host (so that whichever claims it keeps
+        within them). At most one offer per such engine is out at a time."""
+        if known or expected < SHORT_TASK or self._channel is None:
+            return []
+        need = self._need(options)
+        targets = [e for e in self._engines.values()
+                   if e.alive and e.local and e.loop is not None and e.reaches_store
+                   and e.id not in self._pending and len(e.jobs) == 1 and e.messages == 1
+                   and e.long_held == 1 and e.held == need
+                   and (not options.resources or self._custom_fits(e, options))]
+        return targets if len(self._offers) < len(targets) else []
+
+    def _offer(self, job: Job, options: TaskOptions, expected: float,
+               placed: Callable[[str], None] | None, targets: list[_Engine]) -> None:
+        channel = self._channel
+        assert channel is not None and self._report is not None
+        blob, digest = _function_blob(job.func)
+        jobs_blob = _pickle_jobs([(digest, job)])
+        self._msg_seq += 1
+        self._offer_seq += 1
+        offer = _Offer(seq=self._offer_seq, msg=self._msg_seq, job=job, options=options,
+                       expected=expected, digest=digest, placed=placed, to=set())
+        with self._lock:
+            self._offers[offer.seq] = offer
+        for engine in targets:
+            # An engine learns a function from the message it runs: an offer it loses
+            # teaches it nothing, so the function goes with every offer it has not run.
+            functions = {} if digest in engine.functions else {digest: blob}
+            try:
+                channel.offer(engine.id, offer.seq, offer.msg, functions, jobs_blob)
+            except Exception:
+                continue
+            with self._lock:
+                offer.to.add(engine.id)
+        self.messages_sent += 1
+        self.loop_messages += 1
+        self.offers_made += 1
+        if not offer.to:  # it reached no loop: to the scheduler's queue again
+            with self._lock:
+                self._offers.pop(offer.seq, None)
+            if channel.take_back(offer.seq) is None:
+                self._report(_withdrawn(job.key, job.node_id))
+
+    def _loop_claimed(self, seq: int, engine_id: int) -> None:
+        """The channel's thread: a loop claimed an offer (heard before the outcomes of the
+        message it had just ended)."""
+        with self._lock:
+            offer = self._offers.get(seq)
+            if offer is None or offer.claimed is not None:
+                return  # its loop's end already dealt with it
+            offer.claimed = engine_id
+            self._claims.append(seq)
+            msgs = self._loop_msgs.get(engine_id)
+            if msgs is not None:
+                msgs[offer.msg] = [(offer.job.node_id, offer.job.key)]
+                return
+        # Its loop ended before this arrived: the job is lost with it.
+        engine = self._engines[engine_id]
+        if self._report is not None:
+            self._report(_lost(offer.job.key, offer.job.node_id, engine, "its task loop ended"))
+
+    def _offers_of_ended_loop(self, engine: _Engine) -> tuple[list[_Offer], list[_Offer]]:
+        """(Under the lock.) A loop ended: the offers it claimed without the kernel hearing of
+        it are lost with it; offers that no running loop can claim any more are taken back."""
+        lost: list[_Offer] = []
+        orphans: list[_Offer] = []
+        channel = self._channel
+        for seq, offer in list(self._offers.items()):
+            if offer.claimed is not None:
+                continue
+            offer.to.discard(engine.id)
+            who = claimed_by(channel.dir, seq) if channel is not None else None
+            if who == str(engine.id):
+                offer.claimed = engine.id
+                self._claims.append(seq)
+                lost.append(offer)
+            elif who is None and not (offer.to & set(self._loop_of)) and channel is not None \
+                    and channel.take_back(seq) is None:
+                del self._offers[seq]
+                orphans.append(offer)
+        return lost, orphans
+
+    def _settle_offers(self, place: bool = True) -> None:
+        """The scheduler's loop thread: apply the claims heard of (the job now runs on the
+        engine that claimed it); with ``place``, an engine that is free takes an offer still
+        out back (the oldest first, ahead of anything placed after it)."""
+        with self._lock:
+            seqs, self._claims = self._claims, []
+            claimed = [self._offers.pop(seq) for seq in seqs if seq in self._offers]
+        for offer in claimed:
+            engine = self._engines[offer.claimed if offer.claimed is not None else -1]
+            self._slot = None
+            self._reserve(engine, offer.options)
+            engine.jobs[offer.job.node_id] = (offer.options, offer.msg, offer.expected)
+            engine.queued += offer.expected
+            engine.long_held += 1
+            engine.ends_at = None
+            engine.messages += 1
+            engine.functions.add(offer.digest)
+            self.offers_claimed += 1
+            if offer.placed is not None:
+                offer.placed(engine.label)
+        if not place or not self._offers or self._channel is None:
+            return
+        for engine in self._engines.values():
+            if not (engine.alive and engine.local and engine.loop is not None
+                    and engine.reaches_store and not engine.jobs
+                    and engine.id not in self._pending):
+                continue
+            with self._lock:
+                waiting = sorted(self._offers.items())
+            for seq, offer in waiting:
+                if not (self._custom_fits(engine, offer.options)
+                        and self._fits_beside(engine, offer.options)):
+                    continue
+                if self._channel.take_back(seq) is not None:
+                    continue  # a loop claimed it (the kernel hears of it next), or a loop's end
+                with self._lock:
+                    self._offers.pop(seq, None)
+                self._place_now(engine, offer)
+                break
+
+    def _place_now(self, engine: _Engine, offer: _Offer) -> None:
+        """An offer taken back goes to a free engine as an ordinary message."""
+        self._slot = None
+        self._reserve(engine, offer.options)
+        engine.long_held += 1
+        engine.ends_at = None
+        if offer.placed is not None:
+            offer.placed(engine.label)
+        self._pending.setdefault(engine.id, []).append((offer.job, offer.options))
+        engine.jobs[offer.job.node_id] = (offer.options, -1, offer.expected)
+        engine.queued += offer.expected
+        self._send(engine)
 
     def _steal(self) -> None:
         """An engine that holds nothing (nothing ready fits it) takes back the last message
@@ -838,12 +1023,18 @@ class EngineExecutor:
             self._loop_of.clear()
             self._loop_msgs.clear()
             self._withdrawing.clear()
+            # Offers still out (an interrupt): nobody can claim them once the channel's
+            # directory is gone; their calls are not done and run again next time.
+            self._offers.clear()
+            self._claims.clear()
         if channel is not None:
             channel.close()
 
     def finished(self, outcome: Outcome) -> None:
         """The loop thread took an outcome: free what its job held."""
         self._slot = None
+        if self._claims:
+            self._settle_offers(place=False)  # a claim is heard of before the outcomes after it
         for engine in self._engines.values():
             entry = engine.jobs.pop(outcome.node_id, None)
             if entry is None:
@@ -952,6 +1143,11 @@ def _setting_json(variable: str) -> dict[Any, Any]:
     if not isinstance(value, dict):
         raise NbindustriaError(f"{variable} must be a JSON object (got {text!r})")
     return value
+
+
+def _withdrawn(key: str, node: str) -> Outcome:
+    return Outcome(key=key, node_id=node, ok=False, error_type="Withdrawn",
+                   error_message="taken back from an engine's queue before it started")
 
 
 def _lost(key: str, node: str, engine: _Engine, why: str) -> Outcome:

@@ -17,6 +17,9 @@ and hands them to the executor, which reports them to the scheduler's queue.
   the next without waiting for the kernel); the kernel can take a message back while it has
   not started (``withdraw``: an idle engine steals it), so queueing ahead never strands work
   behind a long task.
+* Offers (first runs): a job of unknown duration, when every engine is busy, is offered to
+  every loop; the first loop to end its task claims it with an atomic symbolic link (a claim) in
+  the run's directory and runs it (no round trip); the kernel takes an offer back the same way.
 * An engine that dies, or is interrupted, ends its ``serve`` request with an error: the
   executor then reports every message it held as lost (resubmitted elsewhere), as for any
   ipyparallel message.
@@ -39,24 +42,30 @@ from collections.abc import Callable
 from typing import Any
 
 RUN, DONE, WITHDRAW, WITHDRAWN, STOP = b"run", b"done", b"withdraw", b"withdrawn", b"stop"
-HELLO = b"hello"
+HELLO, OFFER, CLAIMED = b"hello", b"offer", b"claimed"
 IDLE_CHECK_MS = 1000  # an idle loop looks this often whether the kernel is still there
 
 
 def serve(inbox: str, outbox: str, kernel_pid: int,
           run_batch: Callable[[dict[str, bytes], bytes, str], list[Any]], label: str,
-          hello: tuple[int, Callable[[], Any]] | None = None) -> int:
+          hello: tuple[int, Callable[[], Any]] | None = None, tag: int = -1) -> int:
     """Runs on an engine: run the messages of jobs that arrive on ``inbox`` in order, push each
     one's outcomes to ``outbox``; returns how many messages it ran.
 
     Tasks run on the engine's main thread (as any ipyparallel request would); a thread of the
     loop takes the kernel's messages meanwhile, so that a message can be taken back while the
     task before it runs. ``hello``: ``(tag, call)``, a call made once the loop listens, whose
-    result is pushed back first (the shared-dir probe of a run: no request of its own)."""
+    result is pushed back first (the shared-dir probe of a run: no request of its own).
+
+    Offers: a message the kernel offered to several loops goes to the first of them that ends
+    what it runs with nothing else queued: it claims the offer (an atomic symbolic link
+    naming ``tag``), tells the kernel (before the outcomes of what it just ran, so that the
+    kernel never sees it free while it holds the offer) and runs it. A loop that is idle does
+    not claim offers (the kernel sends it work directly)."""
     import zmq
 
     ctx: Any = zmq.Context.instance()
-    state = _LoopState(os.path.dirname(outbox[len("ipc://"):]), kernel_pid)
+    state = _LoopState(os.path.dirname(outbox[len("ipc://"):]), kernel_pid, tag)
     receiver = threading.Thread(target=state.receive, args=(ctx, inbox, outbox),
                                 name="nbindustria-task-loop", daemon=True)
     push = ctx.socket(zmq.PUSH)
@@ -72,13 +81,19 @@ def serve(inbox: str, outbox: str, kernel_pid: int,
                 answer = exc
             push.send_multipart([HELLO, str(tag).encode(),
                                  pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)])
+        claimed: tuple[bytes, bytes, bytes] | None = None
         while True:
-            item = state.next()
+            item = claimed or state.next()
             if item is None:
                 return ran
             msg, functions, jobs_blob = item
             outcomes = run_batch(pickle.loads(functions), jobs_blob, label)
             ran += 1
+            offer = state.claim_offer()
+            claimed = None
+            if offer is not None:
+                seq, claimed = offer
+                push.send_multipart([CLAIMED, seq, str(tag).encode()])
             push.send_multipart([DONE, msg, pickle.dumps(outcomes, pickle.HIGHEST_PROTOCOL)])
     finally:
         state.stop()
@@ -92,13 +107,34 @@ def serve(inbox: str, outbox: str, kernel_pid: int,
 class _LoopState:
     """An engine loop's queue, filled by its receiving thread, emptied by the main thread."""
 
-    def __init__(self, home: str, kernel_pid: int):
+    def __init__(self, home: str, kernel_pid: int, tag: int = -1):
         self.home = home
         self.kernel_pid = kernel_pid
+        self.tag = tag
         self.watch_kernel = _alive(kernel_pid)  # a pid we cannot see is not watched
         self.waiting: deque[tuple[bytes, bytes, bytes]] = deque()
+        self.offers: dict[int, tuple[bytes, bytes, bytes]] = {}  # offer seq -> message
         self.ready = threading.Condition()
         self.stopped = False
+
+    def claim_offer(self) -> tuple[bytes, tuple[bytes, bytes, bytes]] | None:
+        """After a message ended: the first offer this loop wins, if nothing else is queued
+        here (the oldest first: the kernel offers in priority order)."""
+        while True:
+            with self.ready:
+                if self.waiting or self.stopped or not self.offers:
+                    return None
+                seq = min(self.offers)
+                item = self.offers.pop(seq)  # won or lost: not tried again
+            if claim(self.home, seq, str(self.tag)):
+                return str(seq).encode(), item
+
+    def add_offer(self, seq: int, item: tuple[bytes, bytes, bytes]) -> None:
+        with self.ready:
+            # Offers that another loop (or the kernel) claimed meanwhile are forgotten.
+            for old in [s for s in self.offers if os.path.lexists(claim_path(self.home, s))]:
+                del self.offers[old]
+            self.offers[seq] = item
 
     def next(self) -> tuple[bytes, bytes, bytes] | None:
         """The next message to run, or None once the loop must end."""
@@ -131,6 +167,8 @@ class _LoopState:
                     with self.ready:
                         self.waiting.append((rest[0], rest[1], rest[2]))
                         self.ready.notify()
+                elif kind == OFFER:
+                    self.add_offer(int(rest[0]), (rest[1], rest[2], rest[3]))
                 elif kind == WITHDRAW:
                     # Messages not started yet go back to the kernel; one that started or
                     # ended is not found (its outcomes come as usual).
@@ -147,6 +185,29 @@ class _LoopState:
             self.stop()
             pull.close(linger=0)
             push.close(linger=2000)
+
+
+def claim_path(home: str, seq: int) -> str:
+    return os.path.join(home, f"offer-{seq}")
+
+
+def claim(home: str, seq: int, claimer: str) -> bool:
+    """Claim offer ``seq`` for ``claimer`` (an engine id, or the kernel taking it back): True
+    for the one caller that wins. The claim is a symbolic link whose target names the claimer:
+    made whole in one step (one system call), and whoever finds it reads who holds the offer."""
+    try:
+        os.symlink(claimer, claim_path(home, seq))
+        return True
+    except OSError:  # FileExistsError: claimed before; FileNotFoundError: the run ended
+        return False
+
+
+def claimed_by(home: str, seq: int) -> str | None:
+    """Who claimed offer ``seq`` (None: nobody yet)."""
+    try:
+        return os.readlink(claim_path(home, seq))
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -167,7 +228,8 @@ class Channel:
 
     def __init__(self, on_done: Callable[[int, list[Any]], None],
                  on_withdrawn: Callable[[int], None],
-                 on_hello: Callable[[int, Any], None] | None = None):
+                 on_hello: Callable[[int, Any], None] | None = None,
+                 on_claimed: Callable[[int, int], None] | None = None):
         import zmq
 
         self._zmq = zmq
@@ -180,6 +242,7 @@ class Channel:
         self._on_done = on_done
         self._on_withdrawn = on_withdrawn
         self._on_hello = on_hello
+        self._on_claimed = on_claimed
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="nbindustria-engine-loops",
                                         daemon=True)
@@ -205,6 +268,19 @@ class Channel:
             [RUN, str(msg).encode(), pickle.dumps(functions, pickle.HIGHEST_PROTOCOL),
              jobs_blob], copy=False)
 
+    def offer(self, engine_id: int, seq: int, msg: int, functions: dict[str, bytes],
+              jobs_blob: bytes) -> None:
+        self._to[engine_id].send_multipart(
+            [OFFER, str(seq).encode(), str(msg).encode(),
+             pickle.dumps(functions, pickle.HIGHEST_PROTOCOL), jobs_blob], copy=False)
+
+    def take_back(self, seq: int) -> str | None:
+        """Take offer ``seq`` back: None if it was still free (now nobody can claim it), else
+        who claimed it."""
+        if claim(self.dir, seq, "kernel"):
+            return None
+        return claimed_by(self.dir, seq) or "?"
+
     def withdraw(self, engine_id: int, msgs: list[int]) -> None:
         self._to[engine_id].send_multipart([WITHDRAW, *(str(m).encode() for m in msgs)])
 
@@ -229,6 +305,8 @@ class Channel:
                     self._on_withdrawn(int(msg))
                 elif kind == HELLO and self._on_hello is not None:
                     self._on_hello(int(msg), pickle.loads(rest[0]))
+                elif kind == CLAIMED and self._on_claimed is not None:
+                    self._on_claimed(int(msg), int(rest[0]))  # offer seq, engine
         except zmq.ZMQError:
             pass
         finally:

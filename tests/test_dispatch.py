@@ -759,3 +759,96 @@ def test_task_loops_are_not_started_for_runs_that_place_nothing(tmp_path, engine
     assert run_once() == (0, 4, 0)  # the last run placed nothing: none started
     assert run_once(("sleepy",)) == (4, 0, 1)  # started with the first job
     assert run_once() == (0, 4, 1)
+
+
+def test_a_first_run_offers_each_next_task_to_whichever_engine_ends_first(tmp_path, engines):
+    """Durations unknown: once both engines are busy, the next task is offered to both task
+    loops and the first to end its task claims it and runs it at once (no round trip to the
+    kernel between the two). No task runs before the previous one on its engine ended, tasks
+    start in the order they were queued, and every result comes back."""
+    pipe = _pipe(tmp_path, engines)
+    task = pipe.task(record_pid)
+    handles = [task(i, 0.05 + 0.03 * (i % 4)) for i in range(16)]
+    assert pipe.run().ran == 16
+    executor = pipe.executor
+    rows = [h.result() for h in handles]
+    assert [r[0] for r in rows] == list(range(16))
+    assert executor.offers_made >= 10 and executor.offers_claimed >= 8, (
+        executor.offers_made, executor.offers_claimed)
+    starts = [r[2] for r in rows]
+    assert starts == sorted(starts)  # greedy in queue order
+    for pid in {r[1] for r in rows}:
+        mine = sorted((r[2], r[3]) for r in rows if r[1] == pid)
+        assert all(b[0] >= a[1] for a, b in itertools.pairwise(mine))  # one at a time
+    assert pipe.store.verify_all(quarantine=False) == {}
+
+
+def test_offers_are_claimed_once(tmp_path):
+    """Many claimers of one offer (threads here; engine processes in a run): exactly one
+    wins, and the claim file names it; the kernel's take-back is just another claimer."""
+    from nbindustria.engineloop import claim, claimed_by
+
+    def claimer(name: str, seq: int, barrier: threading.Barrier, wins: list[str]) -> None:
+        barrier.wait()
+        if claim(str(tmp_path), seq, name):
+            wins.append(name)
+
+    for seq in range(20):
+        wins: list[str] = []
+        barrier = threading.Barrier(6)
+        threads = [threading.Thread(target=claimer, args=(str(n), seq, barrier, wins))
+                   for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1 and claimed_by(str(tmp_path), seq) == wins[0]
+        assert not claim(str(tmp_path), seq, "kernel")
+    assert claimed_by(str(tmp_path), 99) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"offer-{s}" for s in range(20))
+
+
+def write_pid_as(directory: str, i: int, seconds: float) -> int:
+    (Path(directory) / f"{i}.pid").write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return i
+
+
+def test_an_engine_killed_while_running_a_task_it_claimed_loses_nothing(tmp_path):
+    """An engine dies in the middle of a task it claimed from an offer: that task runs again
+    elsewhere, the offers still out go to the engines left, and every result is stored."""
+    engines = cluster_mod.start_local(2)  # its own: killing engines ends their engine set
+    try:
+        _killed_while_running_a_claimed_task(tmp_path, engines)
+    finally:
+        engines.stop()
+
+
+def _killed_while_running_a_claimed_task(tmp_path, engines):
+    pipe = _pipe(tmp_path, engines)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    task = pipe.task(write_pid_as)
+    handles = [task(str(pids), i, 0.6 if i == 4 else 0.15) for i in range(12)]
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 60
+        marker = pids / "4.pid"  # tasks 0 and 1 are sent; later ones are offered
+        while time.time() < deadline:
+            if marker.exists() and marker.read_text():
+                time.sleep(0.1)
+                killed.append(int(marker.read_text()))
+                os.kill(killed[0], signal.SIGKILL)
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    summary = pipe.run()
+    thread.join()
+    assert killed and summary.failed == 0 and summary.ran == 12
+    assert pipe.executor.offers_claimed >= 2
+    assert [h.result() for h in handles] == list(range(12))
+    assert handles[4].reason.startswith("resubmitted") or "lost" in handles[4].reason
+    assert pipe.store.verify_all(quarantine=False) == {}
