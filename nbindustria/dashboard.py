@@ -490,9 +490,10 @@ class Dashboard:
     The dashboard follows one run: it stops at that run's ``run-end`` event (or at the start of
     another run), after a last refresh, so that it stays in the notebook as the record of its run.
 
-    The header and graph show at once; a live dashboard makes its charts in its thread (plotly's
-    widget costs seconds to import and to load in the browser) and adds them when they are ready,
-    so a run is never held up by them.
+    The header and graph show at once; a live dashboard imports plotly's widget in a thread of
+    its own (seconds, the first time in a session) and adds the charts when their first update
+    is due (two seconds into the run, or at its end), made with the data of that moment, so a
+    run is never held up by them.
 
     Attributes
     ----------
@@ -537,8 +538,12 @@ class Dashboard:
         self._pushed: tuple[int, int] = (-1, -1)
         self._refreshed: tuple[int, int, int] | None = None  # the view a full refresh showed
         self._details_sent: dict[str, Any] | None = None
-        self._charts_due = 0.0  # time.time() the charts may be updated again
-        self._charts_stale = False  # the view changed since then
+        # The charts are made when their first update is due (with the data of that moment:
+        # an empty figure updated later costs a replacement of every trace), then updated at
+        # most every CHART_INTERVAL; _charted is the view (version, structure) they show.
+        self._charts_due = time.time() + CHART_INTERVAL
+        self._charted: tuple[int, int] | None = None
+        self._imported = threading.Event()  # plotly's widget module is imported
         self._lock = threading.Lock()  # one sync at a time
         self._charts_lock = threading.Lock()  # one maker of the charts
         self._cpu_lock = threading.Lock()
@@ -559,7 +564,7 @@ class Dashboard:
                 target=self._follow, name="nbindustria-dashboard", daemon=True
             )
             self._charts_thread = threading.Thread(
-                target=self._make_charts_quietly, name="nbindustria-dashboard-charts", daemon=True
+                target=self._import_charts, name="nbindustria-dashboard-charts", daemon=True
             )
             self._thread.start()
             self._charts_thread.start()
@@ -577,13 +582,13 @@ class Dashboard:
     def refresh(self) -> None:
         """Read new events and push every panel now, the charts included (e.g. at the end of a
         run, so that a notebook saved with widget state holds the final counts)."""
-        self._make_charts()
         with self._lock:
             # The follower's last refresh may have done it all already (the run is over).
             done = self._finished and self._refreshed == self._stamp()
         if done:
             return
         self._sync(force=True)
+        self._make_charts()  # (once: with the data of now, the run's last if it is over)
         with self._lock:
             began = time.thread_time()
             self._snapshot_charts()
@@ -624,9 +629,10 @@ class Dashboard:
             widgets = _require("ipywidgets")
             with self._lock:
                 traces, layout = self._chart_data()
+                charted = (self.view.version, self.view.structure_version)
             # Made with its data (plotly validates once, rather than an empty figure and then
             # its traces), outside the lock: the data are plain dicts of this moment. What
-            # changes meanwhile reaches the charts at the next refresh (_charts_stale).
+            # changes meanwhile reaches the charts at their next update (_charted).
             charts = go.FigureWidget(data=[_packed(t) for t in traces], layout=layout)
             charts._config = {"displaylogo": False, "responsive": True}
             box = widgets.Box([charts], layout=widgets.Layout(margin="10px 0 0 0"))
@@ -635,8 +641,7 @@ class Dashboard:
             sync.traces, sync.layout = traces, layout
             with self._lock:
                 self._sync_charts = sync
-                self._charts_stale = True
-                # Made with the data of this moment: the next update waits its turn too.
+                self._charted = charted  # what changes later reaches them at their next update
                 self._charts_due = time.time() + CHART_INTERVAL
                 self.charts = charts
                 self.widget.children = (*self.widget.children, box)
@@ -647,6 +652,16 @@ class Dashboard:
         # the caller's thread, where the error shows.
         with contextlib.suppress(Exception):
             self._make_charts()
+
+    def _import_charts(self) -> None:
+        """Import plotly's widget in the background (slow: it imports nbformat, jsonschema,
+        ...), so that the charts can be made without holding up the header and graph."""
+        began = time.thread_time()
+        with contextlib.suppress(Exception):  # refresh() imports again, and says what failed
+            _require("plotly.graph_objects")
+            _require("ipywidgets")
+            self._imported.set()
+        self._spent(time.thread_time() - began)
 
     def close(self) -> None:
         """Stop following the log. The widgets stay, showing the last state."""
@@ -662,6 +677,8 @@ class Dashboard:
             # The cost is this thread's CPU time, not its wall time: waiting for the GIL while
             # the run holds it is not a cost to the run, and would stall the view for no gain.
             wait = min(MAX_WAIT, max(self.interval, COST_FACTOR * self._sync()))
+            if self.charts is None and self._imported.is_set() and time.time() >= self._charts_due:
+                self._make_charts_quietly()
         if self._finished:  # the run ended: a last, complete refresh (charts and saved state)
             with contextlib.suppress(Exception):  # refresh() again in the caller's thread shows it
                 self.refresh()
@@ -697,11 +714,10 @@ class Dashboard:
             if stamp != self._pushed or force:
                 self._pushed = stamp
                 self._push(now)
-                self._charts_stale = True
             final = force or self._finished
-            if self._charts_stale and self._sync_charts is not None and (
+            if self._sync_charts is not None and self._charted != stamp and (
                     final or now >= self._charts_due):
-                self._charts_stale = False
+                self._charted = stamp
                 charts_began = time.thread_time()
                 self._sync_charts(*self._chart_data(now))
                 cost = time.thread_time() - charts_began

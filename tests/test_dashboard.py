@@ -165,14 +165,34 @@ def test_static_copy_is_the_source_and_geometry_matches():
         assert js_value == getattr(dashboard_module, name), name
 
 
+def test_charts_are_made_during_a_run_once_their_first_update_is_due(monkeypatch):
+    monkeypatch.setattr(dashboard_module, "CHART_INTERVAL", 0.3)
+    log = EventLog()
+    dash = Dashboard(log, interval=0.05)
+    try:
+        replay_in_thread(log, synthetic_events(), seconds=3.0)
+        deadline = time.monotonic() + 20
+        while dash.charts is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        made_while_running = not dash.finished
+        assert dash.charts is not None and made_while_running
+        while not dash.finished and time.monotonic() < deadline:
+            time.sleep(0.02)
+        dash._thread.join(30)
+        assert executed_bars(dash.charts) == 50  # and updated to the end of the run
+    finally:
+        dash.close()
+
+
 def test_follows_a_live_run_and_stops_at_its_end():
     log = EventLog()
     dash = Dashboard(log, interval=0.05)
     try:
         assert dash._thread is not None and dash._thread.is_alive()
         assert not log._subscribers  # nothing runs in the emitting thread but the append
-        # The run starts while the charts are still being made (in their own thread): the
-        # header and graph follow it meanwhile.
+        # The run starts while plotly's widget is still being imported (in its own thread):
+        # the header and graph follow it meanwhile; the charts are made when their first
+        # update is due (here: at the end of this short run, with its final data).
         replay_in_thread(log, synthetic_events(), seconds=1.0)
         seen_running = False
         deadline = time.monotonic() + 10
@@ -181,9 +201,9 @@ def test_follows_a_live_run_and_stops_at_its_end():
             time.sleep(0.02)
         assert dash.finished and seen_running
         dash._charts_thread.join(30)
-        assert dash.charts is not None and len(dash.widget.children) == 2
-        dash._thread.join(10)
+        dash._thread.join(30)
         assert not dash._thread.is_alive()
+        assert dash.charts is not None and len(dash.widget.children) == 2
         # The thread's last refresh put the final charts into the synced (saved) state too.
         assert executed_bars(dash.charts) == 50
         assert sum(len(t["x"]) for t in dash.charts._widget_data
