@@ -314,3 +314,13 @@ def test_panels_module_imports_no_widget_library():
     imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, re.M)
     assert not {i.split(".")[0] for i in imports} & {"ipywidgets", "anywidget", "plotly"}
     assert panels.RunView  # used
+
+
+def test_refreshes_are_spaced_by_their_cost_and_by_the_size_of_the_graph() -> None:
+    wait = dashboard_module.refresh_wait
+    assert wait(0.33, 0.0, 100) == 0.33  # a small run: ~3 a second
+    assert wait(0.33, 0.0, 3000) == 0.33
+    assert wait(0.33, 0.0, 10_000) == pytest.approx(1.1)  # 10,000 nodes: ~1 a second
+    assert wait(0.33, 0.02, 100) == pytest.approx(1.0)  # a dear refresh: 50x its cost
+    assert wait(0.33, 1.0, 100) == dashboard_module.MAX_WAIT  # never longer than 2 s
+    assert wait(0.33, 0.0, 10**6) == dashboard_module.MAX_WAIT
