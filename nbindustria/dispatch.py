@@ -356,12 +356,14 @@ class EngineExecutor:
         """Start the task loops of this host's engines now, at the start of the run, so that
         they listen by the time the first job is placed (a loop's start is an ipyparallel
         round trip, 10-15 ms) instead of starting with it; the engines among ``todo`` answer
-        the shared-dir probe as their loop starts (no request of its own). Done when the
-        probe is due anyway or the last run on these engines placed jobs (a run whose results
-        are all cached would start and stop loops for nothing). Returns the engines of
-        ``todo`` still to probe through ipyparallel."""
+        the shared-dir probe as their loop starts (no request of its own). Done only when the
+        last run on these engines placed jobs: a run whose results are all cached would start
+        and stop loops for nothing, and engines that never ran a loop first import
+        nbindustria (0.1-0.3 s each, all at once here), which the first job would then wait
+        for (the probe, through ipyparallel, needs no import). Returns the engines of ``todo``
+        still to probe through ipyparallel."""
         local = [e for e in self._engines.values() if e.alive and e.local and e.loop is None]
-        if not local or not (set(todo) & {e.id for e in local} or _placed_last(self.engines)):
+        if not local or not _placed_last(self.engines):
             return todo
         from . import cluster
 
