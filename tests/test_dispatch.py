@@ -68,6 +68,25 @@ def write_pid_then_sleep(marker: str, seconds: float) -> int:
     return os.getpid()
 
 
+def _kill_when_written(marker: Path, killed: list[int], within: float, poll: float,
+                       after: float = 0.0) -> threading.Thread:
+    """A started thread that SIGKILLs the process whose pid ``marker`` gets (``after`` seconds
+    later), and notes it in ``killed``."""
+    def killer() -> None:
+        deadline = time.time() + within
+        while time.time() < deadline:
+            if marker.exists() and marker.read_text():
+                time.sleep(after)
+                killed.append(int(marker.read_text()))
+                os.kill(killed[0], signal.SIGKILL)
+                return
+            time.sleep(poll)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    return thread
+
+
 def small(i: int) -> int:
     return i * i
 
@@ -81,18 +100,7 @@ def test_sigkill_mid_task_is_resubmitted(tmp_path, engines):
     others = [sq(i) for i in range(5)]
 
     killed: list[int] = []
-
-    def killer() -> None:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if marker.exists() and marker.read_text():
-                killed.append(int(marker.read_text()))
-                os.kill(killed[0], signal.SIGKILL)
-                return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
+    thread = _kill_when_written(marker, killed, within=30, poll=0.02)
     summary = pipe.run()
     thread.join()
     assert summary.failed == 0
@@ -839,20 +847,8 @@ def _killed_while_running_a_claimed_task(tmp_path, engines):
     task = pipe.task(write_pid_as)
     handles = [task(str(pids), i, 0.6 if i == 4 else 0.15) for i in range(12)]
     killed: list[int] = []
-
-    def killer() -> None:
-        deadline = time.time() + 60
-        marker = pids / "4.pid"  # tasks 0 and 1 are sent; later ones are offered
-        while time.time() < deadline:
-            if marker.exists() and marker.read_text():
-                time.sleep(0.1)
-                killed.append(int(marker.read_text()))
-                os.kill(killed[0], signal.SIGKILL)
-                return
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
+    # Tasks 0 and 1 are sent; later ones are offered: the engine dies 0.1 s into task 4.
+    thread = _kill_when_written(pids / "4.pid", killed, within=60, poll=0.005, after=0.1)
     summary = pipe.run()
     thread.join()
     assert killed and summary.failed == 0 and summary.ran == 12
