@@ -102,11 +102,7 @@ def bind(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 code: CodeHasher | None = None,
                 provenance: ProvenanceLookup | None = None) -> CallEncoding:
-    names, _ = task.__dict__.get("_nbi_fast_params") or _fast_params(task)
-    if names is not None and not kwargs and len(args) == len(names):
-        arguments = dict(zip(names, args))  # noqa: B905 - bind's common case, without a call
-    else:
-        arguments = bind(task, args, kwargs)
+    arguments = bind(task, args, kwargs)
     fast = _simple_call(arguments)
     if fast is not None:
         return fast
