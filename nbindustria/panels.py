@@ -30,7 +30,7 @@ import hashlib
 import itertools
 import operator
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -389,6 +389,65 @@ class Segments:
             self.count += len(merged)
 
 
+def _tally(values: list[str]) -> dict[str, int]:
+    """How often each value occurs (in order of first appearance), as ``collections.Counter``
+    would say; a list of one value (a large run's usual packed event) is counted in C."""
+    if values and values.count(values[0]) == len(values):
+        return {values[0]: len(values)}
+    return collections.Counter(values)
+
+
+def _values_at(indices: list[int], *columns: list[Any]) -> list[list[Any]]:
+    """The values at ``indices`` (at least one) of each column, picked out in C."""
+    if len(indices) == 1:
+        return [[column[indices[0]]] for column in columns]
+    pick = operator.itemgetter(*indices)
+    return [list(pick(column)) for column in columns]
+
+
+def _measured(indices: list[int], peaks: list[int | None]) -> tuple[list[int], list[int]]:
+    """The attempts among ``indices`` whose peak memory is known, and those peaks."""
+    values = _values_at(indices, peaks)[0] if indices else []
+    if None in values:
+        known = list(map(operator.is_not, values, itertools.repeat(None)))
+        indices, values = list(itertools.compress(indices, known)), list(
+            itertools.compress(values, known))
+    return indices, values
+
+
+class _Later:
+    """A mapping (node id -> what a panel may ask of it) whose writes wait until it is read.
+
+    A large run's packed events set thousands of nodes at a time (their last event, last
+    start, outcome, attempts), while what reads these (a node's record: its details, a running
+    bar) asks for a few nodes, or none: grouped nodes are not drawn. Each write is kept as it
+    came and the writes are applied in order, each in C, when the mapping is next read: the
+    same mapping, and never more work than writing at once."""
+
+    __slots__ = ("_data", "_writes")
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+        self._writes: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def later(self, write: Callable[..., Any], *args: Any) -> None:
+        """``write(mapping, *args)`` when the mapping is next read (``args`` are kept as they
+        are: not to be changed meanwhile)."""
+        self._writes.append((write, args))
+
+    def settled(self) -> Any:
+        if self._writes:
+            writes, self._writes = self._writes, []
+            for write, args in writes:
+                write(self._data, *args)
+        return self._data
+
+
+def _put(mapping: dict[str, Any], keys: Sequence[str], value: Any) -> None:
+    """Every key of ``keys`` to ``value``."""
+    mapping.update(zip(keys, itertools.repeat(value)))
+
+
 class Bars:
     """The executed attempts (DONE or FAILED) of a run, in the order they finished, as columns:
     a list per field, so that 10,000 attempts are not 10,000 objects for the garbage collector
@@ -545,10 +604,11 @@ class RunView:
         # outcome (DONE, FAILED, CACHED or SKIPPED), starts. A packed event (events.py) stands
         # for each of its nodes here; ``field`` reads a node's value from it.
         self.state: dict[str, str] = {}
-        self.last_event: dict[str, Event] = {}
-        self.last_start: dict[str, Event] = {}
-        self.outcome: dict[str, Event] = {}
-        self.attempts: collections.Counter[str] = collections.Counter()
+        # (Read through the properties below: their writes wait until then.)
+        self._last_event = _Later({})
+        self._last_start = _Later({})
+        self._outcome = _Later({})
+        self._attempts = _Later(collections.Counter())
         self.tasks: dict[str, TaskStats] = {}
         self.counts: dict[str, int] = dict.fromkeys(TASK_STATES, 0)
         self.bars = Bars()  # the executed attempts
@@ -571,6 +631,26 @@ class RunView:
         self._details_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         # Per packed event held above (by id, the event kept alive with it): node -> position.
         self._positions: dict[int, tuple[Event, dict[str, int]]] = {}
+
+    @property
+    def last_event(self) -> dict[str, Event]:
+        """Each node's last task event."""
+        return cast("dict[str, Event]", self._last_event.settled())
+
+    @property
+    def last_start(self) -> dict[str, Event]:
+        """Each node's last RUNNING event."""
+        return cast("dict[str, Event]", self._last_start.settled())
+
+    @property
+    def outcome(self) -> dict[str, Event]:
+        """Each node's last outcome: DONE, FAILED, CACHED or SKIPPED."""
+        return cast("dict[str, Event]", self._outcome.settled())
+
+    @property
+    def attempts(self) -> collections.Counter[str]:
+        """How many times each node started running."""
+        return cast("collections.Counter[str]", self._attempts.settled())
 
     @property
     def nodes(self) -> Mapping[str, NodeRecord]:
@@ -746,20 +826,21 @@ class RunView:
         engines_seen = self.engines_seen
         if runs:
             run_ids = [e.node for e in runs]
-            self.attempts.update(run_ids)
-            self.last_start.update(zip(run_ids, runs, strict=True))
+            self._attempts.later(collections.Counter.update, run_ids)
+            self._last_start.later(dict.update, dict(zip(run_ids, runs, strict=True)))
             engines_seen.update({e.engine for e in runs})
         # (A cache hit's engine made its result in an earlier run: not one of this run's.)
         engines_seen.update({e.engine for e in outcomes if e.kind != CACHED})
         engines_seen.discard("")
-        self.last_event.update(last)
+        self._last_event.later(dict.update, last)
         # Counts: each changed node leaves its old state for its new one; running nodes are
         # kept in the order they (last) started.
         self._change_states(keys, new)
         if RUNNING in new:
             self.running.update([(e.node, e.engine) for e in runs if last[e.node] is e])
         if outcomes:
-            self.outcome.update(zip([e.node for e in outcomes], outcomes, strict=True))
+            self._outcome.later(dict.update,
+                                dict(zip([e.node for e in outcomes], outcomes, strict=True)))
             self._outcomes(outcomes)
         self.version += 1
 
@@ -799,38 +880,41 @@ class RunView:
                     self._fold([member], [kind])
                 return
             keys = list(dict.fromkeys(nodes))
-        if not distinct <= self.task_of.keys():  # a log without the nodes' ADDED events
+        try:  # the nodes' states before this event (read once: _change_states takes them)
+            before = list(map(self.state.__getitem__, nodes))
+        except KeyError:  # a log without the nodes' ADDED events
             new = [i for i, node_id in enumerate(nodes) if node_id not in self.task_of]
             tasks, labels = column("task"), column("label")
             self._add_columns([nodes[i] for i in new], [tasks[i] for i in new],
                               [labels[i] for i in new], [()] * len(new))
-        same = itertools.repeat(event)
+            before = list(map(self.state.__getitem__, nodes))
         if kind == RUNNING:
             engines = column("engine")
-            self.attempts.update(nodes)
+            self._attempts.later(collections.Counter.update, nodes)
             self.engines_seen.update(engines)
             self.engines_seen.discard("")
-            self.last_start.update(zip(nodes, same, strict=False))  # (same: endless)
+            self._last_start.later(_put, nodes, event)
             if ended and keys is nodes:
                 going = list(map(ended.__contains__, nodes))
                 if True in going:  # only what their start tells: attempts, start, engine
                     staying = list(map(operator.not_, going))
                     nodes = keys = list(itertools.compress(nodes, staying))
                     engines = list(itertools.compress(engines, staying))
-            self._change_states(keys, kind)
+                    before = list(itertools.compress(before, staying))
+            self._change_states(keys, kind, before if keys is nodes else None)
             if keys is nodes:
                 self.running.update(zip(nodes, engines, strict=True))
             else:  # in the order each last started, with that start's engine
                 at = sorted(dict(zip(nodes, range(n), strict=True)).values())
                 self.running.update([(nodes[i], engines[i]) for i in at])
         else:
-            self._change_states(keys, kind)
+            self._change_states(keys, kind, before if keys is nodes else None)
         if kind in (DONE, FAILED, SKIPPED):
             self.engines_seen.update(column("engine"))
             self.engines_seen.discard("")
-        self.last_event.update(zip(keys, same, strict=False))
+        self._last_event.later(_put, keys, event)
         if kind in FINAL_STATES:
-            self.outcome.update(zip(keys, same, strict=False))
+            self._outcome.later(_put, keys, event)
             if kind in (DONE, FAILED):
                 starts, ends = column("started"), column("ended")
                 if None in starts or None in ends:
@@ -842,17 +926,19 @@ class RunView:
                 self._hits(nodes, column("duration"))
         self.version += 1
 
-    def _change_states(self, keys: list[str], new: list[str] | str) -> None:
+    def _change_states(self, keys: list[str], new: list[str] | str,
+                       old: list[str] | None = None) -> None:
         """Nodes ``keys`` (each once) move to states ``new`` (one per node, or one for all):
-        counts, states, running nodes."""
+        counts, states, running nodes. ``old``: their states now, if the caller has them."""
         state, counts, tasks = self.state, self.counts, self.tasks
-        old = list(map(state.__getitem__, keys))
-        old_counts = collections.Counter(old)
+        if old is None:
+            old = list(map(state.__getitem__, keys))
+        old_counts = _tally(old)
         if isinstance(new, str):
-            new_counts = collections.Counter({new: len(keys)})
+            new_counts = {new: len(keys)}
             state.update(zip(keys, itertools.repeat(new), strict=False))
         else:
-            new_counts = collections.Counter(new)
+            new_counts = _tally(new)
             state.update(zip(keys, new, strict=True))
         for kind, n in old_counts.items():
             counts[kind] -= n
@@ -873,8 +959,9 @@ class RunView:
                 tasks[name].counts[kind] += n
         if RUNNING in old_counts:  # (the caller adds the nodes that start now)
             # Popped in C, not in a Python loop: a group commit ends thousands at once.
-            collections.deque(map(self.running.pop, itertools.compress(
-                keys, map(RUNNING.__eq__, old))), maxlen=0)
+            ending = keys if old_counts[RUNNING] == len(keys) else itertools.compress(
+                keys, map(RUNNING.__eq__, old))
+            collections.deque(map(self.running.pop, ending), maxlen=0)
 
     def _outcomes(self, events: list[Event]) -> None:
         """Figures per task name and the timeline's bars, from new outcomes (in log order)."""
@@ -966,7 +1053,7 @@ class RunView:
             return
         ids, deps = list(ids), list(deps)
         names = [name or "?" for name in names] if "" in names else list(names)
-        per_name = collections.Counter(names)  # (in order of first appearance)
+        per_name = _tally(names)  # (in order of first appearance)
         for name in per_name:
             if name not in self.tasks:
                 taken = {stats.color for stats in self.tasks.values()}
@@ -1017,31 +1104,42 @@ class RunView:
         rows = self._rows
         for engine in set(engines) - rows.keys():
             rows[engine] = engine_short(engine)
-        groups: dict[tuple[str, str], list[int]] = {}  # bar indices per engine and task name
-        if engines.count(engines[0]) == len(engines) and tasks.count(tasks[0]) == len(tasks):
-            groups[engines[0], tasks[0]] = list(range(first, count))
-        else:
-            for i, key in enumerate(zip(engines, tasks, strict=True), first):
-                groups.setdefault(key, []).append(i)
-        started, ended, peaks = bars.started, bars.ended, bars.peak
-        for (engine, task), members in groups.items():
+        # Bar indices per engine and task name (a large run has few of each: one Python pass
+        # over the new attempts), then merged, in the order the attempts ended, per timeline
+        # row and task name (segments), per task name (memory points) and per row (the
+        # engine's memory line, which must run forward in time), each group's columns picked
+        # out in C.
+        one_task = tasks.count(tasks[0]) == len(tasks)  # a large run's usual case
+        by_key: dict[Any, list[int]] = {}
+        for i, key in enumerate(engines if one_task else zip(engines, tasks, strict=True), first):
+            members = by_key.get(key)
+            if members is None:
+                members = by_key[key] = []
+            members.append(i)
+        by_segment: dict[tuple[str, str], list[int]] = {}
+        by_task: dict[str, list[int]] = {}
+        by_row: dict[str, list[int]] = {}
+        for key, indices in by_key.items():
+            engine, task = (key, tasks[0]) if one_task else key
             row = rows[engine]
-            self.segments.add_many(row, task, [started[i] for i in members],
-                                   [ended[i] for i in members])
-            measured = [i for i in members if peaks[i] is not None]
-            if not measured:
-                continue
-            values = [cast(int, peaks[i]) for i in measured]
-            points = self.task_points.get(task)
-            if points is None:
-                points = self.task_points[task] = EvenSample(TASK_POINTS)
-            points.add_many(measured, values)  # bar indices
+            by_segment.setdefault((row, task), []).extend(indices)
+            by_task.setdefault(task, []).extend(indices)
+            by_row.setdefault(row, []).extend(indices)
+        for (row, task), indices in by_segment.items():
+            indices.sort()  # (already in order unless two engines share a row label)
+            self.segments.add_many(row, task, *_values_at(indices, bars.started, bars.ended))
+        # (A few groups: a sample or envelope made and dropped costs nothing.)
+        for task, indices in by_task.items():
+            indices, peaks = _measured(sorted(indices), bars.peak)
+            if indices:  # bar indices
+                self.task_points.setdefault(task, EvenSample(TASK_POINTS)).add_many(indices, peaks)
+        for row, indices in by_row.items():
             # The peak is the engine process's resident memory while the task ran: samples of
             # that engine's memory over time.
-            envelope = self.engine_memory.get(row)
-            if envelope is None:
-                envelope = self.engine_memory[row] = Envelope(ENGINE_POINTS)
-            envelope.add_many([ended[i] for i in measured], values)
+            indices, peaks = _measured(sorted(indices), bars.peak)
+            if indices:
+                self.engine_memory.setdefault(row, Envelope(ENGINE_POINTS)).add_many(
+                    _values_at(indices, bars.ended)[0], peaks)
 
     # -- derived facts -----------------------------------------------------------------------
 
@@ -1252,15 +1350,15 @@ def _structure(
         return view._layout_cache[1]
     depths = view.depths()
     grouped = _choose_groups(view, threshold, max_nodes, expanded)
-    members: dict[str, list[str]] = {name: [] for name in grouped}  # node ids per group
-    visible: list[str] = []
     task_of, deps_of, seq_of = view.task_of, view.deps_of, view.seq_of
+    # Node ids per group, and the visible nodes, picked out in C (a pass per grouped name: there
+    # are few), not by a Python loop over every node of a large run.
+    members: dict[str, list[str]] = {
+        name: list(itertools.compress(task_of, map(name.__eq__, task_of.values())))
+        for name in grouped}
     if grouped:
-        for node_id, task in task_of.items():
-            if task in grouped:
-                members[task].append(node_id)
-            else:
-                visible.append(node_id)
+        visible = list(itertools.compress(
+            task_of, map(operator.not_, map(grouped.__contains__, task_of.values()))))
     else:
         visible = list(task_of)
     # Members travel with their group (so the front end can expand it without a round trip to a
@@ -1271,17 +1369,19 @@ def _structure(
         if len(members[name]) <= budget:
             expandable.add(name)
             budget -= len(members[name])
-    group_of = {node_id: name for name in grouped for node_id in members[name]}
 
+    # (A node's group is its task name when that is grouped: no map of every node to its group.)
     def resolve(node_id: str) -> str:
         """The finest id the front end knows for a node: itself, or its group when not sent."""
-        name = group_of.get(node_id)
-        return node_id if name is None or name in expandable else GROUP_PREFIX + name
+        name = task_of.get(node_id)
+        if name is None or name not in grouped or name in expandable:
+            return node_id
+        return GROUP_PREFIX + name
 
     def shown(node_id: str) -> str:
         """The node drawn for ``node_id`` in this view: itself, or its (collapsed) group."""
-        name = group_of.get(node_id)
-        return node_id if name is None else GROUP_PREFIX + name
+        name = task_of.get(node_id)
+        return node_id if name is None or name not in grouped else GROUP_PREFIX + name
 
     nodes = task_of
     # Deps only for the nodes the front end gets (a group too large to send has none): a run
@@ -1303,8 +1403,9 @@ def _structure(
     group_info: dict[str, dict[str, Any]] = {}
     for name in grouped:
         group = members[name]
-        depth = min(map(depths.__getitem__, group))
-        seq = min(map(seq_of.__getitem__, group))
+        # (A flat graph has every node at depth 0; the nodes came in the order of their seq.)
+        depth = min(map(depths.__getitem__, group)) if deps_of else 0
+        seq = seq_of[group[0]]
         group_info[name] = {"depth": depth, "seq": seq}
         items.append((GROUP_PREFIX + name, depth, view.tasks[name].rank, seq))
     positions = layout_positions(items)

@@ -458,6 +458,38 @@ def test_timeline_rows_sort_naturally_and_running_bars_grow():
         ("r", pytest.approx(2), pytest.approx(5))]
 
 
+def test_bars_reach_the_charts_alike_at_once_or_one_at_a_time():
+    """The charts' structures (timeline segments, memory samples per task name and per
+    engine) take the executed attempts grouped by engine and task name: the same as one at a
+    time, with several of each, interleaved, and attempts without a memory measure."""
+    engines = ["engine 0 (h:1)", "engine 1 (h:2)", "engine 2 (h:3)"]
+    events = [Event(RUN_START, time=T0, info={"pipeline": "p"})]
+    events += [added(f"n{i}", "fit" if i % 3 else "load") for i in range(90)]
+    for i in range(90):
+        events += ran(f"n{i}", "fit" if i % 3 else "load", 2.0 * i, 2.0 * i + 1,
+                      engine=engines[(i * 7 // 5) % 3],
+                      memory=None if i % 4 == 1 else 2**20 + (i * 37 % 101) * 2**14)  # type: ignore[arg-type]
+    at_once = panels.RunView()
+    at_once.update(events)
+    at_once.fold_bars()
+    one_by_one = panels.RunView()
+    for event in events:
+        one_by_one.update([event])
+        one_by_one.fold_bars()
+    assert len(at_once.bars) == 90 and len(at_once.engine_memory) == 3
+    assert at_once.segments.rows == one_by_one.segments.rows
+    assert len(at_once.segments.rows) == 6  # engine x task name
+    for name in ("fit", "load"):
+        assert at_once.task_points[name].sample() == one_by_one.task_points[name].sample()
+        assert None not in [at_once.bars.peak[i] for i in at_once.task_points[name].sample()]
+    for row, envelope in at_once.engine_memory.items():
+        # An engine's memory line runs forward in time, whichever task names it ran.
+        assert envelope.series() == one_by_one.engine_memory[row].series()
+        assert [t for t, _ in envelope.series()] == sorted(t for t, _ in envelope.series())
+    assert panels.memory(at_once) == panels.memory(one_by_one)
+    assert panels.timeline(at_once) == panels.timeline(one_by_one)
+
+
 def test_memory_points_and_limit():
     m = panels.memory(small_run())
     assert sorted(p["peak_memory"] for p in m["points"]) == [2**20, 3 * 2**20]
