@@ -826,7 +826,7 @@ class Cells:
         record.state = "cached"
         record.reason = "cache hit"
         if self.verbose:
-            row = store.present([key]).get(key)
+            row = store.index.get_many([key]).get(key)
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.created)) if row else "?"
             took = f"{row.duration:.2f} s" if row and row.duration is not None else "?"
             restored = ", ".join(sorted([*payload["values"], *payload["defs"]])) or "nothing"

@@ -89,9 +89,9 @@ def explain(store: Store, *, label: str, task: str, node_id: str, key: str | Non
         return Explanation(label, state, [last_reason] if last_reason else [])
     if key is None:
         return Explanation(label, "will run", ["an input has no result yet, so it runs first"])
-    present = store.present([key])
-    if key in present and not forced:
-        row = present[key]
+    # present() indexes an entry it finds on disk only: its whole row is then in the index.
+    row = store.index.get_many([key]).get(key) if store.present([key]) else None
+    if row is not None and not forced:
         reasons = [f"cache hit: computed {_when(row.created)} in "
                    f"{row.duration if row.duration is not None else 0:.3g} s"]
         if state == "done" and last_reason:

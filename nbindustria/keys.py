@@ -17,7 +17,7 @@ Options that do not change results (cpus, memory, retries, engines) are never pa
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +39,8 @@ Upstream = Handle[Any] | ResultRef
 class CallEncoding:
     """A call's arguments, encoded with placeholders for upstream results."""
 
-    params: list[tuple[str, bytes, list[Upstream]]]  # (name, bytes, handles in that param)
-    handles: list[Upstream]  # every placeholder, in order (never changed once made)
+    params: list[tuple[str, bytes, Sequence[Upstream]]]  # (name, bytes, handles in that param)
+    handles: Sequence[Upstream]  # every placeholder, in order (never changed once made)
     mutable: bool  # something in the arguments could change in place: encode again before use
     # With no placeholders, the bytes that node id and key hash after their prefixes: the
     # parameters framed as ``_filled`` frames them (one buffer, hashed in one call).
@@ -48,7 +48,10 @@ class CallEncoding:
 
 
 _NO_FAST_PATH = (None, None)
-_NO_HANDLES: list[Upstream] = []  # shared: read only
+# For a parameter or a call without handles: a tuple, so that a parameter's (name, bytes,
+# handles) holds nothing the cyclic GC tracks and is untracked at its first collection (10,000
+# recorded calls would otherwise keep 10,000 more objects for every full collection to walk).
+_NO_HANDLES: tuple[Upstream, ...] = ()
 
 
 def _fast_params(task: Task[Any, Any]) -> tuple[tuple[str, ...] | None, dict[str, Any] | None]:
@@ -106,7 +109,7 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
     fast = _simple_call(arguments)
     if fast is not None:
         return fast
-    params: list[tuple[str, bytes, list[Upstream]]] = []
+    params: list[tuple[str, bytes, Sequence[Upstream]]] = []
     all_handles: list[Upstream] = []
     mutable = False
     for name, value in arguments.items():
@@ -148,8 +151,8 @@ _LONE_HANDLE = b"H" + _pack_u32(0)
 def _simple_call(arguments: dict[str, Any]) -> CallEncoding | None:
     """The encoding of a call whose arguments are all scalars or handles (the hot path of
     recording many small calls), or None. The same bytes as the general path."""
-    params: list[tuple[str, bytes, list[Upstream]]] = []
-    handles: list[Upstream] = _NO_HANDLES
+    params: list[tuple[str, bytes, Sequence[Upstream]]] = []
+    handles: Sequence[Upstream] = _NO_HANDLES
     blob = b""  # the frames as _filled makes them, while there is no placeholder
     for name, value in arguments.items():
         scalar = scalar_encoding(value)
@@ -166,8 +169,8 @@ def _simple_call(arguments: dict[str, Any]) -> CallEncoding | None:
             return None
     if handles:
         return CallEncoding(params, handles, False)
-    # Shared empty lists, never mutated: fewer objects per recorded call for the cyclic GC
-    # to track (recording 10,000 calls is otherwise largely garbage-collector time).
+    # The shared empty tuple: fewer objects per recorded call for the cyclic GC to track
+    # (recording 10,000 calls is otherwise largely garbage-collector time).
     return CallEncoding(params, _NO_HANDLES, False, blob)
 
 

@@ -419,7 +419,7 @@ class NotebookSession:
             return explanation
         index = self.pipe.store.index
         previous = index.query("node = ? AND key != ?", (handle.node_id, handle.key), limit=1)
-        current = self.pipe.store.present([handle.key]).get(handle.key)
+        current = index.get_many([handle.key]).get(handle.key)
         if previous and current and previous[0].code_digest != current.code_digest:
             reasons, diff = diff_manifests(index.get_code(previous[0].code_digest),
                                            index.get_code(current.code_digest) or {})

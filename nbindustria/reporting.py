@@ -94,6 +94,12 @@ class TextReporter:
         if kind in FINAL_STATES and self._bar is not None:
             self._bar.update(len(event.nodes()))
         if event.group is not None:  # a packed event (events.py): a line per node, as ever
+            if kind == CACHED and self.verbose and self._bar is None:
+                # A level of hits (a fully cached run is made of these): one write, from the
+                # label column, rather than an event per member and a write per line.
+                self.stream.write("".join([f"[Cache hit!] {label} can be skipped\n"
+                                           for label in event.group["label"]]))
+                return
             if kind == FAILED or (self.verbose and kind not in (ADDED, RUNNING)):
                 for member in event.members():
                     self._line(member)

@@ -41,6 +41,7 @@ import errno
 import gc
 import heapq
 import json
+import operator
 import os
 import queue
 import sqlite3
@@ -62,6 +63,7 @@ from .events import (
     SKIPPED,
     Event,
     EventLog,
+    LazyColumn,
 )
 from .graph import Graph, is_walked_container
 from .hashing import CodeHasher, summarize
@@ -75,7 +77,16 @@ from .keys import (
     encode_call,
     key_prefix,
 )
-from .store import BadEntry, IndexRow, Presence, Staged, Store, disk_error
+from .store import (
+    ENTRY_DETAILS,
+    BadEntry,
+    Index,
+    IndexRow,
+    Presence,
+    Staged,
+    Store,
+    disk_error,
+)
 from .task import Handle, Task, TaskOptions
 from .worker import Input, Job, Outcome, execute, python_env
 
@@ -88,6 +99,8 @@ COMMIT_DELAY = 0.2
 COMMIT_DELAY_MAX = 2.0  # s: the longest a result waits for its commit while others run
 COMMIT_SHARE = 0.1  # with engines busy, commits take at most this share of the loop's time
 FINAL = frozenset({"done", "cached", "failed", "skipped"})
+# A call's label, for a packed event's label column made only when a view reads it.
+_label_of = operator.attrgetter("label")
 # The fields of packed events (events.py), in the order of the values the scheduler gives.
 _QUEUED_FIELDS = ("node", "task", "label", "key", "time", "reason")
 _RUNNING_FIELDS = ("node", "task", "label", "key", "time", "engine", "started")
@@ -341,7 +354,7 @@ class Run:
             options = handle.task.options
             if id(options) not in fits_checked:  # once per task, not once per call
                 fits_checked.add(id(options))
-                self.executor.check_fits(options, handle.label)
+                self.executor.check_fits(options, f"task {handle.task.name!r}")
         self._emit(RUN_START, info={"pipeline": self.pipeline_name, "tasks": len(graph),
                                     "engines": self.executor.description,
                                     "n_engines": self.executor.n_engines,
@@ -352,7 +365,7 @@ class Run:
         # Every node of the graph as one packed event (events.py): one log entry, not 10,000.
         self.events.append(Event(ADDED, group={
             "node": list(order), "task": [h.task.name for h in handles],
-            "label": [h.label for h in handles], "deps": [tuple(deps[n]) for n in order]}))
+            "label": LazyColumn(_label_of, handles), "deps": [tuple(deps[n]) for n in order]}))
         self._priority_cache = None  # made when a task must run
         self.waiting = {n: len(deps[n]) for n in graph.order}
         self._tmp_dir = self.executor.store_dir_for_jobs(self.store)
@@ -461,15 +474,12 @@ class Run:
             handle.digest = row.result_digest
             handle.reason = "cache hit"
         self.summary.cached += len(hits)
-        rows = [row for _, row in hits]
-        keys = [row.key for row in rows]
+        keys = [row.key for _, row in hits]
         self._hits.extend(keys)
         return Event(CACHED, group={
             "node": [h.node_id for h, _ in hits], "task": [h.task.name for h, _ in hits],
-            "label": [h.label for h, _ in hits], "key": keys,
-            "duration": [r.duration for r in rows], "size": [r.size for r in rows],
-            "engine": [r.engine for r in rows], "peak_memory": [r.peak_memory for r in rows],
-            "cpu": [r.cpu for r in rows]})
+            "label": LazyColumn(_label_of, [h for h, _ in hits]), "key": keys,
+            **_details_when_read(self.store.index, keys)})
 
     def _unblock(self, handle: Handle[Any]) -> list[str]:
         ready = []
@@ -969,6 +979,25 @@ class Run:
             run_id = cursor.lastrowid
             conn.executemany("INSERT INTO timings VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                              [(run_id, *t) for t in self._timings])
+
+
+def _details_when_read(index: Index, keys: list[str]) -> dict[str, LazyColumn]:
+    """Columns of what the index recorded of these cache hits (ENTRY_DETAILS: duration, size,
+    engine, ...) for their packed event, read from the index, all at once, when a view first
+    reads one: a fully cached run that nobody watches reads only keys and digests."""
+    rows: dict[str, tuple[Any, ...]] | None = None
+    missing = (None,) * len(ENTRY_DETAILS)  # (an entry deleted since)
+
+    def row_of(key: str) -> tuple[Any, ...]:
+        nonlocal rows
+        if rows is None:
+            rows = index.details(keys)
+        return rows.get(key, missing)
+
+    def column(i: int) -> LazyColumn:
+        return LazyColumn(lambda key: row_of(key)[i], keys)
+
+    return {name: column(i) for i, name in enumerate(ENTRY_DETAILS)}
 
 
 @contextlib.contextmanager

@@ -118,6 +118,7 @@ class Task(Generic[P, R]):
         self.options = options
         self.pipeline = pipeline
         functools.update_wrapper(self, func)  # name, docstring, signature for help() and IDEs
+        self.name = options.name  # (an attribute, not a property: read several times per call)
         self.identity = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
         self._signature: Any = None
 
@@ -125,10 +126,6 @@ class Task(Generic[P, R]):
     def __nbindustria_function__(self) -> Callable[P, R]:
         # Hashing sees the function, not this wrapper (duck-typed: hashing does not import us).
         return self.func
-
-    @property
-    def name(self) -> str:
-        return self.options.name
 
     @property
     def signature(self) -> Any:

@@ -136,3 +136,79 @@ def test_a_cached_rerun_logs_its_nodes_and_hits_packed_with_every_field(tmp_path
         assert (hit.key, hit.task, hit.label, hit.engine) == (done.key, done.task, done.label,
                                                               done.engine)
         assert hit.size and hit.size > 0 and hit.duration is not None and hit.cpu is not None
+
+
+def test_a_lazy_column_is_made_once_when_read_and_reads_pickles_and_compares_as_its_list():
+    import pickle
+
+    from nbindustria.events import LazyColumn
+
+    made: list[int] = []
+
+    def double(x: int) -> int:
+        made.append(x)
+        return 2 * x
+
+    column = LazyColumn(double, [1, 2, 3])
+    event = Event(QUEUED, group={"node": ["a", "b", "c"], "label": column})
+    assert len(column) == 3 and made == []  # its length needs no value
+    assert [m.label for m in event.members()] == [2, 4, 6]
+    assert column[1:] == [4, 6] and list(column) == [2, 4, 6] and column == [2, 4, 6]
+    assert made == [1, 2, 3]  # once, for every read
+    copy = pickle.loads(pickle.dumps(event))
+    assert type(copy.group["label"]) is list and copy == event
+
+
+class _CountedRepr:
+    """An argument that counts how often a label shows it."""
+
+    shown = 0
+
+    def __nbindustria_token__(self) -> str:
+        return "counted"
+
+    def __repr__(self) -> str:
+        _CountedRepr.shown += 1
+        return "counted"
+
+
+def _show(x: object) -> str:
+    return "shown"
+
+
+def test_a_cached_run_nobody_watches_makes_no_label_and_reads_no_detail(tmp_path):
+    """A fully cached re-run with no line per task and no dashboard formats no call's label and
+    reads only keys and digests from the index; a view that reads them later gets them all:
+    labels from the calls, the hits' recorded details from the index, even once the pipeline
+    is closed (its index is then read from the file)."""
+    from nbindustria import Pipeline
+    from nbindustria.events import ADDED, CACHED
+
+    def run():
+        pipe = Pipeline(name="lazy", cache_dir=tmp_path / "c", key_dir=tmp_path / "k",
+                        verbose=0)
+        handles = [pipe.task(_show)(_CountedRepr()), pipe.task(_show)(1)]
+        start = pipe.events.next_index
+        pipe.run()
+        return pipe, handles, pipe.events.since_packed(start)
+
+    first, _, _ = run()
+    recorded = {row.key: row for row in first.store.index.query()}
+    first.close()
+    _CountedRepr.shown = 0
+    pipe, handles, entries = run()
+    assert pipe.store.index.details([]) == {}
+    assert _CountedRepr.shown == 0  # no label made
+    hits = next(e for e in entries if e.kind == CACHED)
+    pipe.close()
+    assert hits.group["key"] == [h.key for h in handles]
+    for member in hits.members():  # read after the close: from the index file
+        row = recorded[member.key]
+        assert (member.duration, member.size, member.engine, member.peak_memory, member.cpu) \
+            == (row.duration, row.size, row.engine, row.peak_memory, row.cpu)
+        assert member.size > 0 and member.duration is not None
+    assert [m.label for m in hits.members()] == ["_show(counted)", "_show(1)"]
+    assert _CountedRepr.shown == 1  # made once, when read, and kept
+    added = next(e for e in entries if e.kind == ADDED)
+    assert list(added.group["label"]) == ["_show(counted)", "_show(1)"]
+    assert _CountedRepr.shown == 1
