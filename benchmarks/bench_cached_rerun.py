@@ -38,6 +38,7 @@ import joblib
 from _bench import Contender, Report, interleave, parser, scratch
 
 from nbindustria import Pipeline
+from nbindustria.store import wait_closed
 
 
 def step(i):
@@ -93,7 +94,12 @@ class NbiRerun:
 
     def close(self) -> None:
         if self.pipe is not None:
+            index = self.pipe.store.index.path
             self.pipe.close()
+            # Closing finishes on a thread (hit counts written, the WAL checkpointed), which
+            # would otherwise run during the next contender's repetition: a script's next run
+            # is a new process, which starts after the last one's exit waited for it.
+            wait_closed(index)
         self.pipe, self.handles = None, []
         gc.collect()  # see the module's docstring
 
