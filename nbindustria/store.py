@@ -853,7 +853,10 @@ class Index:
                 conn, own = self._conn, False
                 conn.execute("SELECT 1")
             except sqlite3.ProgrammingError:  # closed
-                conn, own = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True), True
+                try:
+                    conn, own = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True), True
+                except sqlite3.OperationalError:  # the cache was deleted since: nothing known
+                    return found
             try:
                 for start in range(0, len(keys), 900):
                     chunk = keys[start:start + 900]

@@ -212,3 +212,23 @@ def test_a_cached_run_nobody_watches_makes_no_label_and_reads_no_detail(tmp_path
     added = next(e for e in entries if e.kind == ADDED)
     assert list(added.group["label"]) == ["_show(counted)", "_show(1)"]
     assert _CountedRepr.shown == 1
+
+
+def test_a_hits_details_read_after_its_cache_was_deleted_are_unknown(tmp_path):
+    import shutil
+
+    from nbindustria import Pipeline
+    from nbindustria.events import CACHED
+
+    for _run in range(2):  # the second run: all hits
+        pipe = Pipeline(name="gone", cache_dir=tmp_path / "c", key_dir=tmp_path / "k",
+                        verbose=0)
+        handle = pipe.task(_show)(2)
+        start = pipe.events.next_index
+        pipe.run()
+        pipe.close()
+    hits = next(e for e in pipe.events.since_packed(start) if e.kind == CACHED)
+    shutil.rmtree(tmp_path / "c")
+    (member,) = hits.members()
+    assert (member.key, member.label) == (handle.key, "_show(2)")
+    assert (member.duration, member.size, member.engine) == (None, None, None)
