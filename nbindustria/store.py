@@ -101,6 +101,8 @@ MMAP_THRESHOLD = 1 << 20
 # Payloads below this go into the commit group's segment; larger ones get a file of their own
 # (so that arrays can be memory-mapped, and rewriting a segment stays cheap).
 PACK_LIMIT = 64 << 10
+# What one read of a record takes: a packed payload and a header of a usual size.
+_RECORD_READ = PACK_LIMIT + (16 << 10)
 PACKS = "packs"
 SEGMENT_SUFFIX = ".nbs"
 _CHUNK = 16 << 20
@@ -1472,7 +1474,13 @@ class Store:
         """The value of an entry, checked; raises BadEntry or FileNotFoundError."""
         for attempt in (0, 1):
             try:
-                path, _off, packed, _hd, header, payload_offset = self.verified_record(key)
+                path, offset, packed = self.locate(key)
+                if packed:
+                    read = self._read_record(key, path, offset)
+                    if read is not None:
+                        return read[0]
+                sig, header_bytes, header, payload_offset = read_header(path, offset)
+                self._check_signed(key, sig, header_bytes, header)
                 return load_payload(path, header, payload_offset, mmap_arrays=mmap_arrays,
                                     packed=packed)
             except FileNotFoundError:
@@ -1480,6 +1488,24 @@ class Store:
                 if attempt or self.index.location(key) is None:
                     raise
         raise AssertionError("unreachable")
+
+    def _read_record(self, key: str, path: str, offset: int) -> tuple[Any] | None:
+        """(the value,) of the record of a segment at ``offset``, checked as ``load`` checks it,
+        from one read of the file (its header and payload are read apart otherwise: two opens);
+        None when the record is larger than that read (``load`` then reads it in two steps)."""
+        with open(path, "rb") as f:
+            buffer = os.pread(f.fileno(), _RECORD_READ, offset)
+        if len(buffer) < _PREAMBLE:
+            return None
+        hlen = _parse_preamble(buffer[:_PREAMBLE])
+        if _align(_PREAMBLE + hlen) > len(buffer):
+            return None
+        sig, header_bytes, header, payload_offset = record_header(buffer, 0)
+        self._check_signed(key, sig, header_bytes, header)
+        length, kind = _length_and_kind(header)
+        if payload_offset + length > len(buffer) or (kind == "ndarray" and not length):
+            return None  # (an empty array has no payload to read: load_payload makes it)
+        return (record_payload(buffer, header, payload_offset),)
 
     def load_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of many small entries at once, checked as ``load`` checks one: one index

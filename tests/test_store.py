@@ -153,6 +153,36 @@ def test_arrays_round_trip_read_only(store: Store, array: np.ndarray) -> None:
     assert Path(path).read_bytes()[offset:offset + 8] == MAGIC
 
 
+@pytest.mark.corrupts
+@pytest.mark.parametrize("one_read", [True, False], ids=["one read", "header then payload"])
+def test_a_record_loads_from_one_read_or_two(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                             one_read: bool) -> None:
+    """A record of a segment is read at once when it fits the first read, else its header
+    and payload are read apart: the same values, the same checks (a flipped byte of the
+    payload is found either way)."""
+    import nbindustria.store as store_module
+
+    if not one_read:  # every record larger than the first read
+        monkeypatch.setattr(store_module, "_RECORD_READ", _PREAMBLE + 8)
+    values = {key_of(0): {"a": [1, 2]}, key_of(1): np.arange(7.0), key_of(2): "x" * 60_000}
+    store.commit([stage_value(store.entries_dir, k, v, {}) for k, v in values.items()])
+    for key, value in values.items():
+        back = store.load(key)
+        assert store.locate(key)[2]  # a record of a segment
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(back, value)
+            assert not back.flags.writeable
+        else:
+            assert back == value
+    path, offset, _ = store.locate(key_of(2))
+    data = bytearray(Path(path).read_bytes())
+    data[read_header(path, offset)[3] + 59_000] ^= 1  # a byte near the payload's end flipped
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(BadEntry, match="digest"):
+        store.load(key_of(2))
+    assert store.load(key_of(0)) == {"a": [1, 2]}  # its neighbours still load
+
+
 def _is_mapped(array: np.ndarray) -> bool:
     base: Any = array.base
     while base is not None and not isinstance(base, mmap.mmap):
