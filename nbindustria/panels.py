@@ -625,7 +625,7 @@ class RunView:
         self.version = 0  # bumped by every event that changes what a panel shows
         self.structure_version = 0  # bumped when nodes or edges change (the layout's cache key)
         self._layout_cache: tuple[Any, ...] | None = None
-        self._depth: dict[str, int] = {}
+        self._depth = _Later({})  # (read through depths())
         self._missing: set[str] = set()  # dependencies named before they were added
         self._depths_stale = False
         self._details_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -1073,8 +1073,9 @@ class RunView:
             self.tasks[name].counts[ADDED] += n
         # Depths as nodes arrive (the scheduler adds them in dependency order): a dependency
         # that is not known yet, or a node that earlier ones named as one, means a recompute.
-        depth_of, missing = self._depth, self._missing
+        missing = self._missing
         if any(deps):
+            depth_of = self._depth.settled()
             for node_id, node_deps in zip(ids, deps, strict=True):
                 depth = 0
                 for dep in node_deps:
@@ -1084,8 +1085,8 @@ class RunView:
                     elif known >= depth:
                         depth = known + 1
                 depth_of[node_id] = depth
-        else:
-            depth_of.update(zip(ids, itertools.repeat(0), strict=False))
+        else:  # (written when read: a graph without dependencies never reads them)
+            self._depth.later(_put, ids, 0)
         if missing and not missing.isdisjoint(ids):
             self._depths_stale = True
         self.version += 1
@@ -1151,7 +1152,7 @@ class RunView:
     def depths(self) -> dict[str, int]:
         """Dependency depth per node: 0 without (known) deps, else one more than its deepest dep."""
         if not self._depths_stale:
-            return self._depth
+            return cast("dict[str, int]", self._depth.settled())
         depth: dict[str, int] = {}
         nodes = self.task_of
         for start in nodes:
@@ -1174,7 +1175,7 @@ class RunView:
                 # A dep already on the path would be a cycle; the graph module rejects those, so
                 # here it is just not followed (its depth counts as unknown).
                 stack.extend((d, False) for d in deps if d not in depth and d not in on_path)
-        self._depth, self._depths_stale = depth, False
+        self._depth, self._depths_stale = _Later(depth), False
         self._missing = {d for d in self._missing if d not in nodes}
         return depth
 
@@ -1341,6 +1342,16 @@ def layout_positions(
     return positions
 
 
+class _Flat(dict[str, int]):
+    """The depths of a graph without dependencies: 0 for every node, without an entry each."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+_FLAT = _Flat()
+
+
 def _structure(
     view: RunView, threshold: int, max_nodes: int, max_members: int, expanded: frozenset[str]
 ) -> dict[str, Any]:
@@ -1348,9 +1359,9 @@ def _structure(
     cache_key = (view.structure_version, threshold, max_nodes, max_members, expanded)
     if view._layout_cache is not None and view._layout_cache[0] == cache_key:
         return view._layout_cache[1]
-    depths = view.depths()
-    grouped = _choose_groups(view, threshold, max_nodes, expanded)
     task_of, deps_of, seq_of = view.task_of, view.deps_of, view.seq_of
+    depths = view.depths() if deps_of else _FLAT
+    grouped = _choose_groups(view, threshold, max_nodes, expanded)
     # Node ids per group, and the visible nodes, picked out in C (a pass per grouped name: there
     # are few), not by a Python loop over every node of a large run.
     members: dict[str, list[str]] = {
@@ -1403,7 +1414,8 @@ def _structure(
     group_info: dict[str, dict[str, Any]] = {}
     for name in grouped:
         group = members[name]
-        # (A flat graph has every node at depth 0; the nodes came in the order of their seq.)
+        # (A graph without dependencies: every node at depth 0. The nodes came in the order of
+        # their seq.)
         depth = min(map(depths.__getitem__, group)) if deps_of else 0
         seq = seq_of[group[0]]
         group_info[name] = {"depth": depth, "seq": seq}

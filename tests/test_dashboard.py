@@ -136,6 +136,60 @@ def test_a_large_run_draws_bounded_segments():
     go.Figure(data=packed, layout=layout)  # raises on a property plotly does not know
 
 
+def _plain(value):
+    """A widget's data or layout as plain lists and dicts (arrays as lists, NaN as None),
+    without plotly's random trace ids."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "uid"}
+    if isinstance(value, np.ndarray):
+        return [None if v != v else v for v in value.tolist()]
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def test_charts_made_without_validation_hold_what_validation_gives():
+    """The charts' widget is made without plotly validating each property (half its cost):
+    its state, made and after updates, is what the validated widget holds, for the chart data
+    of an empty run, a run under way and over, and a large run with a memory limit drawn."""
+    import plotly.graph_objects as go
+
+    from nbindustria.dashboard import _figure_widget, _FigureSync, _packed, charts_figure
+
+    def chart_data(events):
+        view = panels.run_view(events)
+        return charts_figure(panels.timeline(view, now=events[-1].time if events else None),
+                             panels.memory(view), panels.cache_stats(view))
+
+    run = synthetic_events()
+    large = [Event(RUN_START, time=1000.0, info={"pipeline": "big", "memory_limit": 2**30})]
+    for i in range(2000):
+        large += [Event("added", node=f"n{i}", task="fit", time=1000.0),
+                  Event("done", node=f"n{i}", task="fit", time=1000.01 + i * 0.01,
+                        engine=f"engine {i % 2} (h:{i % 2})", started=1000.0 + i * 0.01,
+                        ended=1000.008 + i * 0.01, duration=0.008,
+                        peak_memory=2**20 * (500 + i % 300))]
+    states = [chart_data(e) for e in ([], run[: len(run) // 2], run, large)]
+    assert chart_data(large)[1]["shapes"] and not states[0][1]["shapes"]
+    for (traces, layout), (after, after_layout) in zip(states, states[1:] + states[:1],
+                                                       strict=True):
+        checked = go.FigureWidget(data=[_packed(t) for t in traces], layout=layout)
+        fast = _figure_widget(go, traces, layout)
+        assert _plain(fast._widget_data) == _plain(checked._widget_data)
+        assert _plain(fast._widget_layout) == _plain(checked._widget_layout)
+        for fig in (checked, fast):
+            sync = _FigureSync(fig)
+            sync.traces, sync.layout = traces, layout
+            sync(after, after_layout)
+        assert _plain(fast._data) == _plain(checked._data)
+        assert _plain(fast._layout) == _plain(checked._layout)
+        for part in (fast.layout, fast.data[0]):  # and what is set later is validated
+            with pytest.raises(ValueError):
+                part["hoverlabel"] = {"nonsense": 1}
+
+
 def test_only_changed_traces_are_sent(finished):
     sync = finished._sync_charts
     sent = []

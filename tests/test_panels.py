@@ -458,6 +458,21 @@ def test_timeline_rows_sort_naturally_and_running_bars_grow():
         ("r", pytest.approx(2), pytest.approx(5))]
 
 
+def test_depths_of_a_graph_without_dependencies_and_after_one_arrives():
+    """Nodes without dependencies are at depth 0 (a flat graph keeps no depth per node); a
+    node that depends on them, added later, is one deeper."""
+    view = panels.RunView()
+    view.update([Event(RUN_START, time=T0, info={"pipeline": "p"}),
+                 added("a", "t"), added("b", "t"), added("c", "u")])
+    flat = panels.graph(view)
+    assert {n["id"]: (n["depth"], n["col"]) for n in flat["nodes"]} == {
+        "a": (0, 0), "b": (0, 0), "c": (0, 0)}
+    view.update([added("d", "u", ("a", "c")), added("e", "u", ("d",))])
+    deep = {n["id"]: (n["depth"], n["col"]) for n in panels.graph(view)["nodes"]}
+    assert deep == {"a": (0, 0), "b": (0, 0), "c": (0, 0), "d": (1, 1), "e": (2, 2)}
+    assert view.depths() == {"a": 0, "b": 0, "c": 0, "d": 1, "e": 2}
+
+
 def test_bars_reach_the_charts_alike_at_once_or_one_at_a_time():
     """The charts' structures (timeline segments, memory samples per task name and per
     engine) take the executed attempts grouped by engine and task name: the same as one at a
