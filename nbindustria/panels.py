@@ -772,13 +772,16 @@ class RunView:
         outcomes = [i for i in packed if kinds[i] in (DONE, FAILED)]
         begin = 0
         for i in packed:  # folded from their columns, between the plain events around them
+            if i < begin:  # (a QUEUED event folded with the ADDED one before it)
+                continue
             self._fold_plain(batch[begin:i], kinds[begin:i])
-            ended = None
+            ended = queued = None
             if kinds[i] == RUNNING and outcomes and outcomes[-1] > i:
                 ended = set(itertools.chain.from_iterable(
                     batch[j].nodes() for j in outcomes if j > i))
-            self._fold_packed(batch[i], ended)
-            begin = i + 1
+            elif kinds[i] == ADDED and i + 1 < len(batch) and kinds[i + 1] == QUEUED:
+                queued = batch[i + 1]  # (a run's nodes, added then queued at once)
+            begin = i + (2 if self._fold_packed(batch[i], ended, queued) else 1)
         self._fold_plain(batch[begin:], kinds[begin:])
 
     def _fold_plain(self, batch: list[Event], kinds: list[str]) -> None:
@@ -844,31 +847,34 @@ class RunView:
             self._outcomes(outcomes)
         self.version += 1
 
-    def _fold_packed(self, event: Event, ended: set[str] | None = None) -> None:
+    def _fold_packed(self, event: Event, ended: set[str] | None = None,
+                     queued: Event | None = None) -> bool:
         """Fold a packed event (events.py) from its columns: as its members one by one.
-        ``ended``: nodes whose outcome comes later in the same batch (for RUNNING)."""
+        ``ended``: nodes whose outcome comes later in the same batch (for RUNNING); ``queued``:
+        the event after an ADDED one, if QUEUED. Returns whether that was folded too (a run's
+        new nodes queued at once start in the queued state: one pass over them fewer)."""
         kind, group = event.kind, event.group
         assert group is not None
         nodes = group["node"]
         if kind not in _TASK_KINDS or not nodes:
-            return
+            return False
         n = len(nodes)
 
         def column(name: str) -> list[Any]:
             found = group.get(name)
             return found if found is not None else [getattr(event, name)] * n
 
-        # Members may carry their own times; they run forward along the log, as the plain
-        # events' do (the nodes' ADDED events aside).
-        times = group.get("time") or [event.time]
-        low, high = (min(times), max(times)) if kind == ADDED else (times[0], times[-1])
-        if self.first_time is None or low < self.first_time:
-            self.first_time = low
-        if self.last_time is None or high > self.last_time:
-            self.last_time = high
+        self._times(event)
         if kind == ADDED:  # (a re-added node keeps its state)
-            self._add_columns(nodes, column("task"), column("label"), column("deps"))
-            return
+            both = queued is not None and queued.group is not None \
+                and queued.group["node"] == nodes
+            if not self._add_columns(nodes, column("task"), column("label"), column("deps"),
+                                     queued=both) or queued is None:
+                return False
+            self._times(queued)
+            self._last_event.later(_put, nodes, queued)
+            self.version += 1
+            return True
         # Every step below is one C-level pass over the columns (a packed event of a large run
         # holds thousands of nodes): no Python code runs per node.
         distinct = set(nodes)
@@ -878,7 +884,7 @@ class RunView:
                 # Two outcomes of one node: each is a bar; folded member by member.
                 for member in event.members():
                     self._fold([member], [kind])
-                return
+                return False
             keys = list(dict.fromkeys(nodes))
         try:  # the nodes' states before this event (read once: _change_states takes them)
             before = list(map(self.state.__getitem__, nodes))
@@ -925,6 +931,20 @@ class RunView:
             elif kind == CACHED:
                 self._hits(nodes, column("duration"))
         self.version += 1
+        return False
+
+    def _times(self, event: Event) -> None:
+        """The view's first and last times, from a packed event. Members may carry their own
+        times; they run forward along the log, as the plain events' do (the nodes' ADDED
+        events aside)."""
+        times = event.group.get("time") if event.group is not None else None
+        if not times:
+            times = [event.time]
+        low, high = (min(times), max(times)) if event.kind == ADDED else (times[0], times[-1])
+        if self.first_time is None or low < self.first_time:
+            self.first_time = low
+        if self.last_time is None or high > self.last_time:
+            self.last_time = high
 
     def _change_states(self, keys: list[str], new: list[str] | str,
                        old: list[str] | None = None) -> None:
@@ -1035,9 +1055,10 @@ class RunView:
                               [e.deps if e.kind == ADDED else () for e in events])
 
     def _add_columns(self, ids: Sequence[str], names: Sequence[str], labels: Sequence[str],
-                     deps: Sequence[tuple[str, ...]]) -> None:
+                     deps: Sequence[tuple[str, ...]], queued: bool = False) -> bool:
         """New nodes: their ids, task names, labels and dependencies (nodes known already, or
-        named twice, keep what they first came with)."""
+        named twice, keep what they first came with). ``queued``: they are queued at once, and
+        start in that state if all are new and named once; returns whether they did."""
         task_of = self.task_of
         keep: list[int] | None = None
         if task_of and not task_of.keys().isdisjoint(ids):
@@ -1050,7 +1071,8 @@ class RunView:
             ids, names = [ids[i] for i in keep], [names[i] for i in keep]
             labels, deps = [labels[i] for i in keep], [deps[i] for i in keep]
         if not ids:
-            return
+            return False
+        initial = QUEUED if queued and keep is None else ADDED
         ids, deps = list(ids), list(deps)
         names = [name or "?" for name in names] if "" in names else list(names)
         per_name = _tally(names)  # (in order of first appearance)
@@ -1067,10 +1089,10 @@ class RunView:
             self.deps_of.update([(i, d) for i, d in zip(ids, deps, strict=True) if d])
         first = len(self.seq_of)
         self.seq_of.update(zip(ids, range(first, first + len(ids)), strict=True))
-        self.state.update(zip(ids, itertools.repeat(ADDED), strict=False))
-        self.counts[ADDED] += len(ids)
+        self.state.update(zip(ids, itertools.repeat(initial), strict=False))
+        self.counts[initial] += len(ids)
         for name, n in per_name.items():
-            self.tasks[name].counts[ADDED] += n
+            self.tasks[name].counts[initial] += n
         # Depths as nodes arrive (the scheduler adds them in dependency order): a dependency
         # that is not known yet, or a node that earlier ones named as one, means a recompute.
         missing = self._missing
@@ -1091,6 +1113,7 @@ class RunView:
             self._depths_stale = True
         self.version += 1
         self.structure_version += 1
+        return initial == QUEUED
 
     def fold_bars(self) -> None:
         """Bring the charts' bounded structures (timeline segments, memory samples) up to date

@@ -285,6 +285,31 @@ def test_packed_events_give_the_same_panels(pack: int, size: int):
     assert view.engine("A") == "kernel" and view.nodes["B"] == one_by_one.nodes["B"]
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 1000])
+@pytest.mark.parametrize("known", [False, True])
+def test_nodes_added_then_queued_at_once(size: int, known: bool):
+    """A run's nodes, added and then queued (two packed events of the same nodes), start in
+    the queued state when folded together: the same panels as their members one by one, also
+    when one of them was known before (re-added: it keeps its state) or they come apart."""
+    events = [Event(RUN_START, time=T0, info={"pipeline": "p"})]
+    if known:
+        events += [added("b", "t"), *ran("b", "t", 0.1, 0.2)]
+    names = ["a", "b", "c", "d"]
+    events += [added(n, "t" if n != "d" else "u", ("a",) if n == "c" else ()) for n in names]
+    events += [Event(QUEUED, node=n, task="t" if n != "d" else "u", label=f"t({n})",
+                     time=T0 + 1, reason="needed") for n in names]
+    queued_only = packed(events, 1000)
+    view, _ = _folded_both_ways(events, queued_only, size)
+    counts = panels.header(view)["counts"]
+    assert (counts[QUEUED], counts[ADDED], counts[DONE]) == (4, 0, 0)  # (b runs again)
+    assert dict(view.nodes) == dict(panels.run_view(events).nodes)
+    assert view.nodes["c"].state == QUEUED and view.depths()["c"] == 1
+    events += ran("a", "t", 2.0, 2.5) + ran("c", "t", 2.5, 3.0)
+    view, _ = _folded_both_ways(events, packed(events, 1000), size)
+    assert panels.header(view)["counts"][DONE] == 2
+    assert view.attempts["b"] == (1 if known else 0)
+
+
 def test_packed_events_naming_a_node_twice():
     """A node placed twice in one packed event (taken back, placed again), two outcomes of
     one node in one, nodes without ADDED events: as their members one by one."""
