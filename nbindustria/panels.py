@@ -397,10 +397,18 @@ def _tally(values: list[str]) -> dict[str, int]:
     return collections.Counter(values)
 
 
+def _merge(groups: dict[Any, list[int]], key: Any, indices: list[int]) -> None:
+    """Add ``indices`` (ascending) to the group ``key`` (kept ascending; never changed in
+    place: one list may start several groups)."""
+    held = groups.get(key)
+    groups[key] = indices if held is None else sorted(held + indices)
+
+
 def _values_at(indices: list[int], *columns: list[Any]) -> list[list[Any]]:
-    """The values at ``indices`` (at least one) of each column, picked out in C."""
-    if len(indices) == 1:
-        return [[column[indices[0]]] for column in columns]
+    """The values at ``indices`` (ascending, at least one) of each column, picked out in C."""
+    first, last = indices[0], indices[-1]
+    if last - first + 1 == len(indices):  # a stretch: sliced
+        return [column[first:last + 1] for column in columns]
     pick = operator.itemgetter(*indices)
     return [list(pick(column)) for column in columns]
 
@@ -1146,21 +1154,23 @@ class RunView:
         for key, indices in by_key.items():
             engine, task = (key, tasks[0]) if one_task else key
             row = rows[engine]
-            by_segment.setdefault((row, task), []).extend(indices)
-            by_task.setdefault(task, []).extend(indices)
-            by_row.setdefault(row, []).extend(indices)
+            _merge(by_segment, (row, task), indices)
+            _merge(by_row, row, indices)
+            if not one_task:
+                _merge(by_task, task, indices)
+        if one_task:
+            by_task[tasks[0]] = list(range(first, count))
         for (row, task), indices in by_segment.items():
-            indices.sort()  # (already in order unless two engines share a row label)
             self.segments.add_many(row, task, *_values_at(indices, bars.started, bars.ended))
         # (A few groups: a sample or envelope made and dropped costs nothing.)
         for task, indices in by_task.items():
-            indices, peaks = _measured(sorted(indices), bars.peak)
+            indices, peaks = _measured(indices, bars.peak)
             if indices:  # bar indices
                 self.task_points.setdefault(task, EvenSample(TASK_POINTS)).add_many(indices, peaks)
         for row, indices in by_row.items():
             # The peak is the engine process's resident memory while the task ran: samples of
             # that engine's memory over time.
-            indices, peaks = _measured(sorted(indices), bars.peak)
+            indices, peaks = _measured(indices, bars.peak)
             if indices:
                 self.engine_memory.setdefault(row, Envelope(ENGINE_POINTS)).add_many(
                     _values_at(indices, bars.ended)[0], peaks)
