@@ -589,6 +589,7 @@ class Dashboard:
         # most every CHART_INTERVAL; _charted is the view (version, structure) they show.
         self._charts_due = time.time() + CHART_INTERVAL
         self._charted: tuple[int, int] | None = None
+        self._edited = False  # the charts changed since made or last snapshot
         self._imported = threading.Event()  # plotly's widget module is imported
         self._lock = threading.Lock()  # one sync at a time
         self._charts_lock = threading.Lock()  # one maker of the charts
@@ -657,11 +658,12 @@ class Dashboard:
         ``_repr_mimebundle_`` re-assigns them the same way before display.
         """
         charts = self.charts
-        if charts is None:
+        if charts is None or not self._edited:  # (a figure just made holds its data there)
             return
         with contextlib.suppress(AttributeError):  # plotly internals; if renamed, skip quietly
             charts._widget_layout = copy.deepcopy(charts._layout_obj._props)
             charts._widget_data = copy.deepcopy(charts._data)
+        self._edited = False
 
     def _make_charts(self) -> None:
         """Make the chart widget and add it to the dashboard (once)."""
@@ -766,6 +768,7 @@ class Dashboard:
                 self._charted = stamp
                 charts_began = time.thread_time()
                 self._sync_charts(*self._chart_data(now))
+                self._edited = True  # (live edits: the synced traits hold the figure as made)
                 cost = time.thread_time() - charts_began
                 self._charts_due = now + min(CHART_MAX_WAIT, max(CHART_INTERVAL,
                                                                  CHART_COST_FACTOR * cost))

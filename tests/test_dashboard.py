@@ -234,6 +234,10 @@ def test_charts_are_made_during_a_run_once_their_first_update_is_due(monkeypatch
             time.sleep(0.02)
         dash._thread.join(30)
         assert executed_bars(dash.charts) == 50  # and updated to the end of the run
+        # The synced (saved) state was made with the figure, then updated live: the last
+        # refresh put the final charts there too.
+        assert sum(len(t["x"]) for t in dash.charts._widget_data
+                   if t["type"] == "bar" and t["xaxis"] == "x") == 50
     finally:
         dash.close()
 
