@@ -15,7 +15,9 @@ and plain subscribers get those; readers that fold columns (the dashboard) ask f
 entries (``log.since_packed()``, ``subscribe(..., packed=True)``). A writer adds members with
 ``log.pack()`` (a row of values each); the open group is logged as one entry (one index) when
 anything else is written, when a reader pulls, or at ``log.seal()``, so the log's order is the
-order of the writer's calls.
+order of the writer's calls. A column may be a :class:`LazyColumn`, whose values are made when
+a reader first reads them (the calls' labels; what the index recorded of cache hits): a run
+nobody watches does not make them.
 """
 
 from __future__ import annotations
