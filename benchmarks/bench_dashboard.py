@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import Contender, NullStream, Report, interleave, parser, scratch
 
 from nbindustria import Pipeline
+from nbindustria.store import wait_closed
 
 
 def tiny(i: int) -> int:
@@ -95,6 +96,9 @@ def main() -> int:
         def teardown(with_dashboard: bool) -> None:
             pipe = pipes.pop(with_dashboard)
             pipe.close()
+            # Its index finishes closing on a thread (the WAL checkpointed), which would
+            # otherwise run during the next repetition, on or off at random.
+            wait_closed(pipe.store.index.path)
             shutil.rmtree(pipe.store.path, ignore_errors=True)
 
         off = Contender("dashboard off", lambda: run(False), lambda: setup(False),

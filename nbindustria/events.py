@@ -180,6 +180,19 @@ class LazyColumn(Sequence[Any]):
     def __iter__(self) -> Iterator[Any]:
         return iter(self._made())
 
+    # The list's own (in C), not Sequence's mixins (a Python loop over the values).
+    def __contains__(self, value: object) -> bool:
+        return value in self._made()
+
+    def __reversed__(self) -> Iterator[Any]:
+        return reversed(self._made())
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        return self._made().index(value, start, len(self) if stop is None else stop)
+
+    def count(self, value: Any) -> int:
+        return self._made().count(value)
+
     def __eq__(self, other: object) -> bool:
         return self._made() == (list(other) if isinstance(other, LazyColumn) else other)
 

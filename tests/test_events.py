@@ -154,6 +154,8 @@ def test_a_lazy_column_is_made_once_when_read_and_reads_pickles_and_compares_as_
     assert len(column) == 3 and made == []  # its length needs no value
     assert [m.label for m in event.members()] == [2, 4, 6]
     assert column[1:] == [4, 6] and list(column) == [2, 4, 6] and column == [2, 4, 6]
+    assert 4 in column and 5 not in column and column.index(6) == 2 and column.count(2) == 1
+    assert list(reversed(column)) == [6, 4, 2]
     assert made == [1, 2, 3]  # once, for every read
     copy = pickle.loads(pickle.dumps(event))
     assert type(copy.group["label"]) is list and copy == event
