@@ -151,8 +151,10 @@ def main() -> int:
     report.ratio("same (load + sum), by CPU time of the process",
                  npl.phase("cpu load + sum") / nbi.phase("cpu load + sum"), None,
                  headline=False)
+    # (No goal: the is the default load above. mmap_arrays=False asks for a private
+    # copy in memory: a read and a hash pass, where np.load reads and checks nothing.)
     report.ratio("nbindustria Store.load(mmap_arrays=False) vs np.load, load + sum, speed",
-                 npl.phase("load + sum") / nbi_mem.phase("load + sum"), 1.0, headline=False)
+                 npl.phase("load + sum") / nbi_mem.phase("load + sum"), None, headline=False)
     report.ratio("nbindustria Pipeline .result() vs np.load, load + sum, speed",
                  npl.phase("load + sum") / nbi_pipe.phase("load + sum"), 1.0, headline=False)
     report.ratio("nbindustria Pipeline .result() vs joblib.Memory call, load + sum, speed",
