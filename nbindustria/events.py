@@ -151,6 +151,7 @@ def _event_from_state(state: dict[str, Any]) -> Event:
 
 _SHARED = tuple(name for name in Event.__slots__ if name != "group")
 
+
 class LazyColumn(Sequence[Any]):
     """A column of a packed event whose values are made when a view first reads them:
     ``func(item)`` for each item. For values that cost to make and that a run nobody watches

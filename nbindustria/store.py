@@ -629,8 +629,8 @@ def _fsync_dir(path: str) -> None:
 
 class Presence(NamedTuple):
     """What a cache lookup (``Store.present``) reads of an entry's index row: enough to resolve
-    a hit (its dependents' keys need the result's digest). Each column read costs about 1k
-    instructions per key, a third of a cached call's lookup: what a view shows of a hit
+    a hit (its dependents' keys need the result's digest). Each further column would cost
+    about 1k instructions per key (a lookup of these two: ~13k): what a view shows of a hit
     (duration, size, ...) is read when it asks (:meth:`Index.details`), the whole row with
     ``Index.get_many`` and ``Index.query``."""
 
