@@ -195,7 +195,7 @@ class LazyColumn(Sequence[Any]):
         return self._made().count(value)
 
     def __eq__(self, other: object) -> bool:
-        return self._made() == (list(other) if isinstance(other, LazyColumn) else other)
+        return self._made() == (other._made() if isinstance(other, LazyColumn) else other)
 
     __hash__ = None  # type: ignore[assignment]
 

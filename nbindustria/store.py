@@ -708,6 +708,15 @@ def disk_error(path: str | os.PathLike[str], doing: str, exc: BaseException) -> 
     return StoreError(f"{doing}: {what}")
 
 
+def _in_chunks(conn: sqlite3.Connection, sql: str, keys: list[str],
+               size: int = 900) -> Iterator[sqlite3.Cursor]:
+    """The cursors of ``sql`` (which ends in "IN ") for ``keys``, a chunk of them each (SQLite
+    bounds the parameters of a statement). The caller reads the rows (in C where it can)."""
+    for start in range(0, len(keys), size):
+        chunk = keys[start:start + size]
+        yield conn.execute(f"{sql}({','.join('?' * len(chunk))})", chunk)
+
+
 # Indexes being closed on a thread (Index.close(wait=False)), by path.
 _CLOSING: dict[str, list[threading.Thread]] = {}
 _CLOSING_LOCK = threading.Lock()
@@ -837,11 +846,9 @@ class Index:
         # In index order: neighbouring lookups share the B-tree's pages (~15% less per key).
         keys = sorted(keys)
         with self._lock:
-            for start in range(0, len(keys), 4096):
-                chunk = keys[start:start + 4096]
-                for row in map(make, self._conn.execute(
-                        f"SELECT {_PRESENCE} FROM entries INDEXED BY entries_lookup WHERE key IN "
-                        f"({','.join('?' * len(chunk))})", chunk)):
+            for cursor in _in_chunks(self._conn, f"SELECT {_PRESENCE} FROM entries INDEXED BY "
+                                     "entries_lookup WHERE key IN ", keys, 4096):
+                for row in map(make, cursor):
                     found[row.key] = row
         return found
 
@@ -860,9 +867,8 @@ class Index:
                 except sqlite3.OperationalError:  # the cache was deleted since: nothing known
                     return found
             try:
-                for start in range(0, len(keys), 900):
-                    chunk = keys[start:start + 900]
-                    for row in conn.execute(sql + f"({','.join('?' * len(chunk))})", chunk):
+                for cursor in _in_chunks(conn, sql, keys):
+                    for row in cursor:
                         found[row[0]] = row[1:]
             finally:
                 if own:
@@ -872,11 +878,8 @@ class Index:
     def get_many(self, keys: list[str]) -> dict[str, IndexRow]:
         found: dict[str, IndexRow] = {}
         with self._lock:
-            for start in range(0, len(keys), 900):
-                chunk = keys[start:start + 900]
-                cursor = self._conn.execute(
-                    f"SELECT {','.join(_COLUMNS)} FROM entries WHERE key IN "
-                    f"({','.join('?' * len(chunk))})", chunk)
+            for cursor in _in_chunks(self._conn, f"SELECT {','.join(_COLUMNS)} FROM entries "
+                                     "WHERE key IN ", keys):
                 for row in cursor:
                     found[row[0]] = IndexRow(*row)
         return found
@@ -962,11 +965,9 @@ class Index:
     def locations(self, keys: list[str]) -> dict[str, tuple[str, int]]:
         found: dict[str, tuple[str, int]] = {}
         with self._lock:
-            for start in range(0, len(keys), 900):
-                chunk = keys[start:start + 900]
-                for key, segment, offset in self._conn.execute(
-                        "SELECT key, segment, record_offset FROM entries WHERE key IN "
-                        f"({','.join('?' * len(chunk))})", chunk):
+            for cursor in _in_chunks(self._conn, "SELECT key, segment, record_offset FROM "
+                                     "entries WHERE key IN ", keys):
+                for key, segment, offset in cursor:
                     found[key] = (str(segment or ""), int(offset or 0))
         return found
 
@@ -1447,10 +1448,12 @@ class Store:
 
     # ---- reading -----------------------------------------------------------------------------
 
-    def verified_record(self, key: str) -> tuple[str, int, bool, str, dict[str, Any], int]:
+    def verified_record(self, key: str, where: tuple[str, int, bool] | None = None
+                        ) -> tuple[str, int, bool, str, dict[str, Any], int]:
         """(file, record offset, packed, header digest, header, payload offset) after checking
-        the signature and the key; raises BadEntry (or FileNotFoundError: no such entry)."""
-        path, offset, packed = self.locate(key)
+        the signature and the key; raises BadEntry (or FileNotFoundError: no such entry).
+        ``where``: what ``locate(key)`` says, when the caller has asked it already."""
+        path, offset, packed = where if where is not None else self.locate(key)
         sig, header_bytes, header, payload_offset = read_header(path, offset)
         self._check_signed(key, sig, header_bytes, header)
         return path, offset, packed, header_digest(header_bytes), header, payload_offset
@@ -1474,13 +1477,13 @@ class Store:
         """The value of an entry, checked; raises BadEntry or FileNotFoundError."""
         for attempt in (0, 1):
             try:
-                path, offset, packed = self.locate(key)
+                where = path, offset, packed = self.locate(key)
                 if packed:
                     read = self._read_record(key, path, offset)
                     if read is not None:
                         return read[0]
-                sig, header_bytes, header, payload_offset = read_header(path, offset)
-                self._check_signed(key, sig, header_bytes, header)
+                _path, _off, _packed, _hd, header, payload_offset = self.verified_record(
+                    key, where)
                 return load_payload(path, header, payload_offset, mmap_arrays=mmap_arrays,
                                     packed=packed)
             except FileNotFoundError:
